@@ -1,0 +1,100 @@
+"""A base model with a stack of adapters, each frozen at its own scale, kept unmerged.
+
+``attach`` puts :class:`~lora_unlearn.adapter.Adapter` tensors into a PEFT model as separate
+LoRA adapters, all active at once, so the forward pass computes exactly
+``W x + sum_i c_i * dW_i x`` without touching the (possibly 4-bit) base weights. A trainable
+adapter may sit on top: that is how a forget or update adapter is trained on a model that
+already holds other adapters (F-Learning, unlearning from a knowledge adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import fields
+
+from .adapter import Adapter, load_adapter, peft_config, peft_state_dict
+from .arithmetic import scale
+from .errors import UserError
+
+TRAINABLE = "trainable"
+
+
+def lora_config(adapter: Adapter, inference_mode: bool = True):
+    from peft import LoraConfig
+
+    known = {f.name for f in fields(LoraConfig)}
+    cfg = {k: v for k, v in peft_config(adapter).items() if k in known and k not in ("peft_type", "auto_mapping")}
+    cfg["inference_mode"] = inference_mode
+    return LoraConfig(**cfg)
+
+
+def parse_stack(specs: list[str] | None) -> list[tuple[Adapter, float]]:
+    """``["DIR", "DIR:0.5"]`` -> [(adapter, 1.0), (adapter, 0.5)]."""
+    stack = []
+    for spec in specs or []:
+        path, _, factor = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+        try:
+            c = float(factor)
+        except ValueError:
+            raise UserError(f"adapter spec {spec!r}: the part after ':' must be a number (DIR:SCALE)") from None
+        stack.append((load_adapter(path), c))
+    return stack
+
+
+def attach(model, stack: list[tuple[Adapter, float]], trainable=None):
+    """Return a PEFT model holding ``stack`` (frozen, scaled) and, if given, a trainable LoraConfig.
+
+    With an empty stack and no trainable config the model is returned as it is.
+    """
+    if not stack and trainable is None:
+        return model
+    with warnings.catch_warnings():
+        # PEFT renames base_model_name_or_path to the local cache path; the Hub id is kept on save.
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+        return _attach(model, stack, trainable)
+
+
+def _attach(model, stack, trainable):
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model, names = None, []
+    for i, (adapter, c) in enumerate(stack):
+        name = f"frozen_{i}"
+        cfg = lora_config(adapter)
+        where = adapter.lineage.get("path", name)
+        try:
+            if peft_model is None:
+                peft_model = get_peft_model(model, cfg, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, cfg)
+            result = set_peft_model_state_dict(peft_model, peft_state_dict(scale(adapter, c)), adapter_name=name)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"adapter {where} does not fit this base model ({str(e).splitlines()[0][:200]}): "
+                            "was it trained on another model?") from None
+        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise UserError(f"adapter {where} does not fit this base model "
+                            f"(e.g. {(result.unexpected_keys or missing)[0]}): was it trained on another model?")
+        names.append(name)
+    if trainable is not None:
+        if peft_model is None:
+            peft_model = get_peft_model(model, trainable, adapter_name=TRAINABLE)
+        else:
+            peft_model.add_adapter(TRAINABLE, trainable)
+        names.append(TRAINABLE)
+    peft_model.base_model.set_adapter(names)
+    for pname, p in peft_model.named_parameters():
+        p.requires_grad = trainable is not None and f".{TRAINABLE}." in pname
+    return peft_model
+
+
+@contextlib.contextmanager
+def attached(model, stack: list[tuple[Adapter, float]], trainable=None):
+    """``attach`` for the duration of a block; the base model comes back clean afterwards."""
+    peft_model = attach(model, stack, trainable)
+    try:
+        yield peft_model
+    finally:
+        if peft_model is not model:
+            peft_model.unload()

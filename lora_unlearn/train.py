@@ -1,0 +1,152 @@
+"""Training a LoRA adapter on a (4-bit) base, optionally on top of frozen adapters.
+
+The one ``transformers.Trainer`` subclass of the library lives here: it only replaces
+``compute_loss`` with a registered objective, so accelerate, logging, gradient accumulation and
+mixed precision come from transformers. ``learn`` is the entry point behind
+``lora-unlearn learn``: it trains, and returns (and writes) an :class:`Adapter` whose lineage says
+how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig, get_peft_model_state_dict
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+
+from . import objectives
+from .adapter import Adapter, modules_from_tensors, save_adapter
+from .data import fingerprint, to_dataset
+from .errors import UserError
+from .progress import RichTrainProgress
+from .stack import TRAINABLE, attached
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one adapter training run (QLoRA defaults for small models)."""
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    target_modules: list[str] | str = "all-linear"
+    lora_dropout: float = 0.0
+    learning_rate: float = 1e-3
+    epochs: float = 3.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    max_length: int = 256
+    lr_scheduler: str = "linear"
+    warmup_steps: float = 0.0  # a value below 1 is a fraction of the training steps
+    weight_decay: float = 0.0
+    objective: str = "nll"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        checks = [
+            (self.r >= 1, f"r must be >= 1, got {self.r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}"),
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch size and gradient accumulation must be >= 1"),
+            (self.max_length >= 8, f"max length must be >= 8 tokens, got {self.max_length}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+class ObjectiveTrainer(Trainer):
+    """A Trainer whose loss is a registered objective of ``{stream: batch}``."""
+
+    def __init__(self, *args, objective: objectives.Objective, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = self.objective.loss(model, {"train": inputs})
+        return (loss, None) if return_outputs else loss
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+
+
+def train_adapter(model, tokenizer, rows: list[dict[str, str]], config: TrainConfig,
+                  stack: list[tuple[Adapter, float]] = (), base_info=None, progress: bool = True) -> Adapter:
+    """Train one LoRA adapter with ``config.objective`` on ``rows`` over ``model`` + frozen ``stack``.
+
+    The base model is left as it was (adapters are attached for the run and removed after).
+    """
+    config.validate()
+    objective = objectives.get(config.objective)
+    dataset = to_dataset(tokenizer, rows, config.max_length)
+    set_seed(config.seed)
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
+                      lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
+    use_cpu = not str(model.device).startswith("cuda")
+    with tempfile.TemporaryDirectory(prefix="lora_unlearn-train-") as tmp, \
+            attached(model, list(stack), trainable=lora) as peft_model:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum, num_train_epochs=config.epochs,
+            learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler,
+            warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, seed=config.seed,
+            logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu,
+            dataloader_num_workers=0, remove_unused_columns=False,
+        )
+        trainer = ObjectiveTrainer(
+            model=peft_model, args=args, train_dataset=dataset, objective=objective,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        )
+        trainer.remove_callback(ProgressCallback)
+        if progress:
+            trainer.add_callback(RichTrainProgress(f"training adapter ({config.objective})"))
+        result = trainer.train()
+        peft_model.eval()
+        state = get_peft_model_state_dict(peft_model, adapter_name=TRAINABLE)
+        peft_cfg = _jsonable(peft_model.peft_config[TRAINABLE].to_dict())
+    model.eval()
+
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    if base_info is not None:
+        peft_cfg["base_model_name_or_path"] = base_info.hub_id
+    modules = modules_from_tensors(state, peft_cfg, "trained adapter")
+    lineage = {
+        "op": "learn",
+        "params": _jsonable(asdict(config)),
+        "base_model": getattr(base_info, "hub_id", None),
+        "quantization": getattr(base_info, "quantization", None),
+        "data": fingerprint(rows),
+        "final_train_loss": round(float(result.training_loss), 6),
+        "inputs": [_scaled_lineage(a, c) for a, c in stack],
+    }
+    return Adapter(modules=modules, config=peft_cfg, lineage=lineage)
+
+
+def _scaled_lineage(adapter: Adapter, c: float) -> dict[str, Any]:
+    return {"op": "scale", "params": {"c": c}, "inputs": [adapter.lineage]}
+
+
+def learn(rows: list[dict[str, str]], out: str | Path | None = None, *, base: str = "smollm2-135m",
+          quantization: str = "nf4", on: list[tuple[Adapter, float]] = (), config: TrainConfig | None = None,
+          overwrite: bool = False, loaded=None, progress: bool = True) -> Adapter:
+    """Load ``base`` (or use ``loaded`` = (model, tokenizer, info)), train an adapter, write it to ``out``."""
+    from .models import load_base
+
+    config = config or TrainConfig()
+    config.validate()
+    if out is not None and Path(out).exists() and not overwrite:
+        raise UserError(f"output {out} already exists: choose another path or pass --overwrite")
+    if not rows:
+        raise UserError("the data set is empty: nothing to learn")
+    model, tokenizer, info = loaded or load_base(base, quantization)
+    adapter = train_adapter(model, tokenizer, rows, config, stack=on, base_info=info, progress=progress)
+    if out is not None:
+        save_adapter(adapter, out, overwrite=overwrite)
+    return adapter
