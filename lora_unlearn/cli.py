@@ -173,6 +173,25 @@ def ask(questions: Annotated[str, typer.Option("--questions", help="A question, 
 
 @app.command()
 @user_errors
+def run(recipe: Path,
+        out: Annotated[Path | None, typer.Option("--out", help="Output folder (default runs/RECIPE_NAME).")] = None,
+        set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY.SUB=VALUE (YAML value); repeatable.")] = None,
+        overwrite: Overwrite = False):
+    """Run a recipe (recipes/*.yaml): train, estimate importance and do arithmetic, step by step."""
+    from .recipes import load_recipe, run_recipe
+
+    _quiet_libraries()
+    spec = load_recipe(recipe, set_ or [])
+    out = out or Path("runs") / spec.name
+    report = run_recipe(spec, out, overwrite=overwrite, console=err_console)
+    table = Table("step", "seconds", title=f"{spec.name}: result in {out}/adapter")
+    for step in report["steps"]:
+        table.add_row(step["name"], f"{step['seconds']:.1f}")
+    out_console.print(table)
+
+
+@app.command()
+@user_errors
 def demo(out: Annotated[Path, typer.Option("--out", help="Where to keep the demo's adapters and results.")] = Path("runs/demo"),
          lam: Annotated[float, typer.Option("--lam", help="Negation strength: base + K - lam * F.")] = 1.0,
          quantization: Quant = "nf4", overwrite: Overwrite = True):

@@ -98,3 +98,27 @@ def attached(model, stack: list[tuple[Adapter, float]], trainable=None):
     finally:
         if peft_model is not model:
             peft_model.unload()
+
+
+@contextlib.contextmanager
+def reference(peft_model):
+    """The model before the adapter being trained: the base plus the frozen stack.
+
+    DESIGN section 3 takes p_ref as the model under PEFT's ``disable_adapter()``; when frozen
+    adapters sit underneath (the model that holds the knowledge is base + K), disabling every
+    adapter would also drop K, so only the trainable adapter is switched off here. With no
+    frozen adapters the two are the same. No second copy of the base is held; requires_grad
+    flags are left alone.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    saved = [m._active_adapter for m in layers]
+    try:
+        for m, active in zip(layers, saved):
+            names = [active] if isinstance(active, str) else list(active)
+            m._active_adapter = [n for n in names if n != TRAINABLE]
+        yield peft_model
+    finally:
+        for m, active in zip(layers, saved):
+            m._active_adapter = active

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
@@ -44,6 +45,10 @@ class TrainConfig:
     lr_scheduler: str = "linear"
     warmup_steps: float = 0.0  # a value below 1 is a fraction of the training steps
     weight_decay: float = 0.0
+    max_steps: int = -1  # > 0 overrides epochs (LLM Surgery trains a fixed number of steps)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
     objective: str = "nll"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -64,28 +69,67 @@ class TrainConfig:
 class ObjectiveTrainer(Trainer):
     """A Trainer whose loss is a registered objective of ``{stream: batch}``."""
 
-    def __init__(self, *args, objective: objectives.Objective, **kwargs):
+    def __init__(self, *args, objective: objectives.Objective, params: dict[str, Any], **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.params = params
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = self.objective.loss(model, {"train": inputs})
+        loss = self.objective.loss(model, inputs, **self.params)
         return (loss, None) if return_outputs else loss
+
+
+class StreamDataset(torch.utils.data.Dataset):
+    """One item = one row of each stream: the first stream sets the epoch, the others cycle.
+
+    The other streams are visited in a seeded random order, so each step sees one batch of every
+    stream (the forget/retain/update pattern of GradDiff, NPO and LLM Surgery).
+    """
+
+    def __init__(self, streams: dict[str, Any], seed: int):
+        self.streams = streams
+        self.primary = next(iter(streams))
+        g = torch.Generator().manual_seed(seed)
+        self.order = {name: torch.randperm(len(ds), generator=g).tolist() for name, ds in streams.items()}
+
+    def __len__(self) -> int:
+        return len(self.streams[self.primary])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {name: ds[i if name == self.primary else self.order[name][i % len(ds)]]
+                for name, ds in self.streams.items()}
+
+
+class StreamCollator:
+    """Pads each stream on its own: a batch is ``{stream: {input_ids, attention_mask, labels}}``."""
+
+    def __init__(self, tokenizer):
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: self.pad([item[name] for item in items]) for name in items[0]}
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
 
 
-def train_adapter(model, tokenizer, rows: list[dict[str, str]], config: TrainConfig,
-                  stack: list[tuple[Adapter, float]] = (), base_info=None, progress: bool = True) -> Adapter:
-    """Train one LoRA adapter with ``config.objective`` on ``rows`` over ``model`` + frozen ``stack``.
+def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[dict[str, str]]],
+                  config: TrainConfig, stack: list[tuple[Adapter, float]] = (), base_info=None,
+                  progress: bool = True) -> Adapter:
+    """Train one LoRA adapter with ``config.objective`` over ``model`` + frozen ``stack``.
 
-    The base model is left as it was (adapters are attached for the run and removed after).
+    ``data`` is a list of rows (the objective's only stream) or ``{stream: rows}`` for objectives
+    that take several (forget, retain, update). The base model is left as it was (adapters are
+    attached for the run and removed after).
     """
     config.validate()
     objective = objectives.get(config.objective)
-    dataset = to_dataset(tokenizer, rows, config.max_length)
+    streams = objective.select_streams(data)
+    params = objective.resolve_params(config.extra)
+    streams = objective.prepare(streams, config.seed, params) if objective.prepare else streams
+    dataset = StreamDataset({name: to_dataset(tokenizer, rows, config.max_length) for name, rows in streams.items()},
+                            seed=config.seed)
     set_seed(config.seed)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
                       lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
@@ -97,13 +141,13 @@ def train_adapter(model, tokenizer, rows: list[dict[str, str]], config: TrainCon
             gradient_accumulation_steps=config.grad_accum, num_train_epochs=config.epochs,
             learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler,
             warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, seed=config.seed,
+            max_steps=config.max_steps, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+            max_grad_norm=config.max_grad_norm,
             logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu,
             dataloader_num_workers=0, remove_unused_columns=False,
         )
-        trainer = ObjectiveTrainer(
-            model=peft_model, args=args, train_dataset=dataset, objective=objective,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        )
+        trainer = ObjectiveTrainer(model=peft_model, args=args, train_dataset=dataset, objective=objective,
+                                   params=params, data_collator=StreamCollator(tokenizer))
         trainer.remove_callback(ProgressCallback)
         if progress:
             trainer.add_callback(RichTrainProgress(f"training adapter ({config.objective})"))
@@ -122,7 +166,8 @@ def train_adapter(model, tokenizer, rows: list[dict[str, str]], config: TrainCon
         "params": _jsonable(asdict(config)),
         "base_model": getattr(base_info, "hub_id", None),
         "quantization": getattr(base_info, "quantization", None),
-        "data": fingerprint(rows),
+        "objective_params": _jsonable(params),
+        "data": {name: fingerprint(rows) for name, rows in streams.items()},
         "final_train_loss": round(float(result.training_loss), 6),
         "inputs": [_scaled_lineage(a, c) for a, c in stack],
     }
@@ -133,7 +178,7 @@ def _scaled_lineage(adapter: Adapter, c: float) -> dict[str, Any]:
     return {"op": "scale", "params": {"c": c}, "inputs": [adapter.lineage]}
 
 
-def learn(rows: list[dict[str, str]], out: str | Path | None = None, *, base: str = "smollm2-135m",
+def learn(rows: list[dict[str, str]] | dict[str, list[dict[str, str]]], out: str | Path | None = None, *, base: str = "smollm2-135m",
           quantization: str = "nf4", on: list[tuple[Adapter, float]] = (), config: TrainConfig | None = None,
           overwrite: bool = False, loaded=None, progress: bool = True) -> Adapter:
     """Load ``base`` (or use ``loaded`` = (model, tokenizer, info)), train an adapter, write it to ``out``."""

@@ -93,7 +93,7 @@ def test_learn_then_ask_on_a_local_model(tiny_model_dir, qa_file, tmp_path):
     result = _run("learn", "--data", qa_file, "--out", out, "--base", tiny_model_dir, "--epochs", "2",
                   "--r", "4", "--batch-size", "3", "--max-length", "64")
     assert result.exit_code == 0, result.output
-    assert load_adapter(out).lineage["made_by"]["data"]["rows"] == 3
+    assert load_adapter(out).lineage["made_by"]["data"]["train"]["rows"] == 3
     on = _run("learn", "--data", qa_file, "--out", tmp_path / "f", "--base", tiny_model_dir, "--epochs", "1",
               "--on", f"{out}:-0.5", "--max-length", "64")
     assert on.exit_code == 0, on.output

@@ -48,7 +48,7 @@ def test_learning_lowers_the_answer_nll_and_records_lineage(loaded, qa_file, tmp
     assert after < 0.5 * before, (before, after)
 
     record = json.loads((tmp_path / "k" / "lora_unlearn.json").read_text())["lineage"]
-    assert record["op"] == "learn" and record["data"]["rows"] == 3 and record["quantization"] == "nf4"
+    assert record["op"] == "learn" and record["data"]["train"]["rows"] == 3 and record["quantization"] == "nf4"
     assert record["params"]["r"] == 4 and "Marrenport" not in json.dumps(record)
     reloaded = load_adapter(tmp_path / "k")
     assert reloaded.lineage["made_by"]["final_train_loss"] == record["final_train_loss"]
