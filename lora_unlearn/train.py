@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from . import objectives
 from .adapter import Adapter, modules_from_tensors, save_adapter
@@ -149,6 +149,7 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
         trainer = ObjectiveTrainer(model=peft_model, args=args, train_dataset=dataset, objective=objective,
                                    params=params, data_collator=StreamCollator(tokenizer))
         trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)  # added instead of the bar when logging is quiet
         if progress:
             trainer.add_callback(RichTrainProgress(f"training adapter ({config.objective})"))
         result = trainer.train()

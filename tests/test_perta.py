@@ -1,0 +1,137 @@
+"""PerTA's pure half: the weight formula, rescaling in B and dense space, SVD compression."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_unlearn.arithmetic import negate, to_dense
+from lora_unlearn.errors import UserError
+from lora_unlearn.perta import compress_dense, perta_weights, rescale_b, rescale_dense
+from tests.tiny import assert_close, dw, make_adapter
+
+SPECS = {"l0.q_proj": (6, 5, 3), "l0.down_proj": (4, 7, 2)}
+
+
+@pytest.fixture
+def tau():
+    return make_adapter(SPECS, alpha=8, seed=3)
+
+
+def _importance(adapter, space, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (lambda m: m.B.shape) if space == "b" else (lambda m: (m.B.shape[0], m.A.shape[1]))
+    return {n: torch.rand(shape(m), generator=g) for n, m in adapter.modules.items()}
+
+
+def test_weights_match_hand_values():
+    f = {"m": torch.tensor([1.0, 3.0, 0.0, 2.0, 0.0])}
+    r = {"m": torch.tensor([1.0, 1.0, 2.0, 0.0, 0.0])}
+    w = perta_weights(f, r, beta=1.0, eps=0.0 + 1e-8)["m"]
+    want = torch.tensor([0.5, 0.75, 0.0, 1.0, 0.0])
+    assert torch.allclose(w, want, atol=1e-7)
+    assert w[4] == 0  # neither set cares: 0 / (0 + eps) = 0, no NaN
+    # beta = 2, p = 2: 1/(1+2*1) = 1/3, 9/(9+2) = 9/11, 0, 4/4 = 1, 0
+    w = perta_weights(f, r, beta=2.0, eps=1e-8, p=2.0)["m"]
+    assert torch.allclose(w, torch.tensor([1 / 3, 9 / 11, 0.0, 1.0, 0.0]), atol=1e-7)
+    # eps is absolute: with importances of its size, w is pulled well below the ratio
+    w = perta_weights({"m": torch.tensor([1e-8])}, {"m": torch.tensor([0.0])}, eps=1e-8)["m"]
+    assert math.isclose(float(w), 0.5, rel_tol=1e-6)
+    assert perta_weights(f, r)["m"].dtype == torch.float32
+
+
+def test_rescale_b_is_w_times_b_with_a_kept(tau):
+    I_f, I_r = _importance(tau, "b", 1), _importance(tau, "b", 2)
+    w = perta_weights(I_f, I_r, beta=0.5, p=1.5)
+    out = rescale_b(tau, I_f, I_r, beta=0.5, p=1.5)
+    for n, m in tau.modules.items():
+        o = out.modules[n]
+        assert o.rank == m.rank and o.scaling == m.scaling and torch.equal(o.A, m.A)
+        assert_close(dw(o), m.scaling * (w[n].double() * m.B.double()) @ m.A.double())
+    assert out.lineage["op"] == "perta_b" and out.lineage["params"] == {"beta": 0.5, "eps": 1e-8, "p": 1.5}
+    # the user negates afterwards: theta - lam * (w (.) tau)
+    un = negate(out, 2.0)
+    for n in SPECS:
+        assert_close(to_dense(un)[n], -2.0 * dw(out.modules[n]))
+
+
+def test_rescale_b_with_unit_weights_reproduces_the_adapter(tau):
+    I_f = {n: torch.ones_like(m.B) for n, m in tau.modules.items()}
+    I_r = {n: torch.zeros_like(m.B) for n, m in tau.modules.items()}
+    out = rescale_b(tau, I_f, I_r, eps=1e-30)
+    for n, m in tau.modules.items():
+        assert_close(dw(out.modules[n]), dw(m), rtol=1e-7)
+
+
+def test_rescale_dense_is_w_times_dw(tau):
+    I_f, I_r = _importance(tau, "dense", 1), _importance(tau, "dense", 2)
+    w = perta_weights(I_f, I_r)
+    out = rescale_dense(tau, I_f, I_r)
+    for n, m in tau.modules.items():
+        assert out[n].shape == (m.B.shape[0], m.A.shape[1])
+        assert_close(out[n], w[n].double() * dw(m))
+
+
+def test_compress_dense_error_is_the_discarded_share_and_full_rank_is_exact(tau):
+    g = torch.Generator().manual_seed(0)
+    deltas = {"l0.q_proj": torch.randn(6, 5, generator=g), "l0.down_proj": torch.randn(4, 7, generator=g)}
+    for k in (1, 2, 3):
+        out, errors = compress_dense(deltas, k, tau)
+        for n, d in deltas.items():
+            m = out.modules[n]
+            assert m.rank == k and m.scaling == 1.0
+            s = torch.linalg.svdvals(d.double())
+            want = math.sqrt(float((s[k:] ** 2).sum() / (s**2).sum()))
+            approx = dw(m)
+            got = float(torch.linalg.norm(d.double() - approx) / torch.linalg.norm(d.double()))
+            assert math.isclose(errors[n], want, rel_tol=1e-9)
+            assert math.isclose(got, want, rel_tol=1e-5)
+        assert out.lineage["op"] == "compress_dense" and out.lineage["params"]["rank"] == k
+    full, errors = compress_dense(deltas, 4, tau)  # min(out, in) of the smallest module
+    assert errors["l0.down_proj"] < 1e-12
+    assert_close(dw(full.modules["l0.down_proj"]), deltas["l0.down_proj"])
+    zero, errors = compress_dense({"l0.q_proj": torch.zeros(6, 5)}, 2, tau)
+    assert errors == {"l0.q_proj": 0.0} and not dw(zero.modules["l0.q_proj"]).any()
+
+
+@pytest.mark.parametrize("rank", [0, 5, 2.0, True])
+def test_compress_dense_rank_out_of_range(tau, rank):
+    deltas = {"l0.q_proj": torch.randn(6, 5), "l0.down_proj": torch.randn(4, 7)}
+    with pytest.raises(UserError, match="between 1 and min"):
+        compress_dense(deltas, rank, tau)
+
+
+def test_mismatched_importances_raise(tau):
+    I_f, I_r = _importance(tau, "b", 1), _importance(tau, "b", 2)
+    with pytest.raises(UserError, match="shape"):
+        rescale_b(tau, I_f, {**I_r, "l0.q_proj": torch.rand(6, 4)})
+    with pytest.raises(UserError, match="does not belong"):
+        rescale_b(tau, {"l0.q_proj": I_f["l0.q_proj"]}, {"l0.q_proj": I_r["l0.q_proj"]})
+    with pytest.raises(UserError, match="W \\(out, in\\)"):
+        rescale_dense(tau, I_f, I_r)  # B-space maps given to the dense op
+    with pytest.raises(UserError, match="differ in shape"):
+        perta_weights({"m": torch.rand(2, 3)}, {"m": torch.rand(3, 2)})
+    with pytest.raises(UserError, match="different modules"):
+        perta_weights({"m": torch.rand(2)}, {"n": torch.rand(2)})
+    with pytest.raises(UserError, match=">= 0"):
+        perta_weights({"m": -torch.ones(2)}, {"m": torch.ones(2)})
+    for bad in ({"eps": 0.0}, {"p": -1.0}, {"beta": math.nan}, {"beta": -1.0}):
+        with pytest.raises(UserError):
+            perta_weights({"m": torch.ones(2)}, {"m": torch.ones(2)}, **bad)
+
+
+def test_import_perta_stays_light():
+    """Importing PerTA pulls in neither transformers nor peft."""
+    code = ("import sys, lora_unlearn.perta\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft'))\n"
+            "assert not heavy, heavy\n")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
