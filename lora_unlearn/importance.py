@@ -57,7 +57,8 @@ from .data import IGNORE, fingerprint, to_dataset
 from .errors import UserError
 from .perta import check_maps
 
-KINDS = {"grad": torch.abs, "fisher": torch.square, "signed": lambda g: g}  # "signed": for checks only
+# In place on a per-batch gradient nobody else holds: a dense map is one (out, in) float32 each.
+KINDS = {"grad": torch.abs_, "fisher": torch.square_, "signed": lambda g: g}  # "signed": for checks only
 SPACES = ("b", "dense")
 ATS = ("theta", "theta+tau")
 REDUCTIONS = ("mean", "sum")
@@ -105,7 +106,7 @@ def estimate_importance(model, tokenizer, rows: list[dict[str, str]], adapter: A
     with _restored(model), torch.enable_grad():
         acc = run(model, data, adapter, KINDS[kind], at, list(stack), _progress(progress, space, kind, len(data)))
     divisor = len(data) if reduction == "mean" else 1
-    return {name: (t / divisor).cpu() for name, t in acc.items()}
+    return {name: t.div_(divisor).cpu() for name, t in acc.items()}
 
 
 @contextlib.contextmanager
@@ -170,6 +171,9 @@ def _b_space(model, data, adapter, transform, at, stack, progress) -> dict[str, 
         params = {}
         for name, m in adapter.modules.items():
             module, _ = _layer(root, name, adapter)
+            if TRAINABLE not in getattr(module, "lora_A", {}):
+                raise UserError(f"module {name} is not targeted by the adapter's config "
+                                f"(target_modules={adapter.config.get('target_modules')}): the adapter is inconsistent")
             lora_A, lora_B = module.lora_A[TRAINABLE].weight, module.lora_B[TRAINABLE].weight
             with torch.no_grad():
                 lora_A.copy_(m.A)
@@ -185,7 +189,7 @@ def _b_space(model, data, adapter, transform, at, stack, progress) -> dict[str, 
             _loss(peft_model, batch).backward()
             for name, p in params.items():
                 if p.grad is not None:
-                    acc[name] += transform(p.grad.float())
+                    acc[name] += transform(p.grad.float().clone())
                     p.grad = None
     return acc
 

@@ -3,7 +3,7 @@
 A recipe names a base model, input adapters (the model that holds the knowledge is base + K),
 data entries, and steps; each step trains an adapter with an objective, estimates PerTA
 importance, or applies an arithmetic operation, and is referred to by name by later steps
-(``name`` or ``name:SCALE`` for adapters stacked under a training run). ``output`` names the
+(``name`` or ``name:SCALE`` for adapters stacked under a training run, key ``over``). ``output`` names the
 step whose adapter is the result. Everything is checked before the first step runs: unknown
 keys, methods, streams, parameters and references fail with the list of valid ones.
 
@@ -49,7 +49,7 @@ class BaseSpec(Strict):
 class TrainSpec(Strict):
     objective: str = "nll"
     data: dict[str, str]
-    on: list[str] = []
+    over: list[str] = []  # frozen adapters underneath ("on" would be YAML 1.1's boolean true)
     params: dict[str, Any] = {}
     config: dict[str, Any] = {}
 
@@ -60,7 +60,7 @@ class ImportanceSpec(Strict):
     kind: Literal["grad", "fisher"] = "grad"
     space: Literal["b", "dense"] = "b"
     at: Literal["theta", "theta+tau"] = "theta"
-    on: list[str] = []
+    over: list[str] = []
     batch_size: int = Field(default=1, ge=1)
 
 
@@ -221,12 +221,12 @@ def check(recipe: Recipe, where: str = "recipe") -> None:
                     raise UserError(f"{where}: {at}: unknown training setting {key!r}. Available: {', '.join(sorted(config_keys))}")
             for stream, name in step.train.data.items():
                 need_data(name, f"{at} stream {stream}")
-            for ref in step.train.on:
+            for ref in step.train.over:
                 need(ref, "adapter", at)
         elif step.importance:
             need(step.importance.adapter, "adapter", at)
             need_data(step.importance.data, at)
-            for ref in step.importance.on:
+            for ref in step.importance.over:
                 need(ref, "adapter", at)
         else:
             op = step.op
@@ -318,19 +318,21 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                 spec = step.train
                 config = TrainConfig(**{**recipe.train_defaults, **spec.config, "objective": spec.objective,
                                         "extra": spec.params})
-                stack = [(artifacts[_ref(r)[0]], _ref(r)[1]) for r in spec.on]
+                stack = [(artifacts[_ref(r)[0]], _ref(r)[1]) for r in spec.over]
                 result = train_adapter(m, tok, {s: rows[d] for s, d in spec.data.items()}, config, stack, info)
             elif step.importance:
-                from .importance import estimate_importance, save_importance
+                from .importance import estimate_importance, importance_meta, save_importance
 
                 m, tok, info = model()
                 spec = step.importance
-                stack = [(artifacts[_ref(r)[0]], _ref(r)[1]) for r in spec.on]
-                result = estimate_importance(m, tok, rows[spec.data], artifacts[_ref(spec.adapter)[0]], kind=spec.kind,
-                                             space=spec.space, at=spec.at, stack=stack, batch_size=spec.batch_size)
+                stack = [(artifacts[_ref(r)[0]], _ref(r)[1]) for r in spec.over]
+                adapter = artifacts[_ref(spec.adapter)[0]]
+                knobs = {"kind": spec.kind, "space": spec.space, "at": spec.at, "batch_size": spec.batch_size,
+                         "max_length": recipe.train_defaults.get("max_length", 256)}
+                result = estimate_importance(m, tok, rows[spec.data], adapter, stack=stack, **knobs)
                 (tmp / "steps" / step.name).mkdir(parents=True)
                 save_importance(result, tmp / "steps" / step.name / "importance.safetensors",
-                                {"kind": spec.kind, "space": spec.space, "at": spec.at, "data": spec.data})
+                                importance_meta(rows[spec.data], adapter, stack=stack, base=info.hub_id, **knobs))
             else:
                 result = _apply_op(step.op, artifacts, record)
             if isinstance(result, Adapter):

@@ -92,12 +92,15 @@ def _attach(model, stack, trainable):
 @contextlib.contextmanager
 def attached(model, stack: list[tuple[Adapter, float]], trainable=None):
     """``attach`` for the duration of a block; the base model comes back clean afterwards."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     peft_model = attach(model, stack, trainable)
     try:
         yield peft_model
     finally:
         if peft_model is not model:
             peft_model.unload()
+        for name, p in model.named_parameters():
+            p.requires_grad = flags.get(name, p.requires_grad)
 
 
 @contextlib.contextmanager

@@ -19,12 +19,12 @@ SPECS = {f"model.layers.{i}.{name}": shape for i in range(2) for name, shape in
 
 @pytest.fixture(scope="module")
 def nf4(tiny_model_dir):
-    return load_base(str(tiny_model_dir), "nf4")
+    return load_base(str(tiny_model_dir), "nf4", device="cpu")  # float32: exact checks
 
 
 @pytest.fixture(scope="module")
 def full(tiny_model_dir):
-    return load_base(str(tiny_model_dir), "none")
+    return load_base(str(tiny_model_dir), "none", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,9 @@ def rows(qa_file):
     return load_qa(qa_file)
 
 
-def _imp(loaded, rows, adapter, **kw):
+def _imp(loaded, rows, adapter, progress_flag=False, **kw):
     model, tok, _ = loaded
-    return estimate_importance(model, tok, rows, adapter, progress=False, max_length=64, **kw)
+    return estimate_importance(model, tok, rows, adapter, progress=progress_flag, max_length=64, **kw)
 
 
 def _logits(model, tok):
@@ -113,16 +113,17 @@ def test_dense_hooks_equal_autograd(full, rows, tau):
 
 def test_dense_at_theta_plus_tau_equals_autograd_on_merged_weights(full, rows, tau):
     hooks = _imp(full, rows, tau, kind="signed", space="dense", at="theta+tau", batch_size=len(rows))
-    model = full[0]
+    weights = {n: full[0].get_submodule(n).weight for n in SPECS}
+    saved = {n: w.detach().clone() for n, w in weights.items()}
     with torch.no_grad():
         for n, m in tau.modules.items():
-            model.get_submodule(n).weight += m.delta()
+            weights[n] += m.delta()
     try:
         want = _autograd_dense(full, rows, SPECS)
     finally:
         with torch.no_grad():
-            for n, m in tau.modules.items():
-                model.get_submodule(n).weight -= m.delta()
+            for n, w in weights.items():
+                w.copy_(saved[n])
     for n in SPECS:
         assert_close(hooks[n], want[n], rtol=1e-4)
 
@@ -169,3 +170,24 @@ def test_bad_inputs(nf4, rows, tau):
         _imp(nf4, rows, tau, at="tau")
     with pytest.raises(UserError, match="another base model"):
         _imp(nf4, rows, make_adapter({"model.layers.0.self_attn.q_proj": (32, 48, 4)}), space="dense")
+
+
+def test_merge_dense_adds_the_scaled_delta(tiny_model_dir, full, tmp_path, tau, rows):
+    from lora_unlearn.merge import merge_dense
+    from lora_unlearn.perta import rescale_dense
+
+    I_f = _imp(full, rows[:1], tau, kind="grad", space="dense", progress_flag=True)
+    I_r = _imp(full, rows[1:], tau, kind="grad", space="dense")
+    deltas = rescale_dense(tau, I_f, I_r)
+    out = merge_dense(str(tiny_model_dir), deltas, tmp_path / "merged", scale=-0.5, lineage={"op": "perta_dense"})
+    merged, _, _ = load_base(str(out), "none", device="cpu")
+    for n, d in deltas.items():
+        assert_close(merged.get_submodule(n).weight, full[0].get_submodule(n).weight - 0.5 * d, rtol=1e-6)
+    assert torch.equal(merged.lm_head.weight, full[0].lm_head.weight)
+    with pytest.raises(UserError, match="already exists"):
+        merge_dense(str(tiny_model_dir), deltas, out)
+    with pytest.raises(UserError, match="no linear module"):
+        merge_dense(str(tiny_model_dir), {"model.layers.9.mlp.up_proj": torch.zeros(64, 32)}, tmp_path / "x")
+    with pytest.raises(UserError, match="is \\(32, 32\\) in the model"):
+        merge_dense(str(tiny_model_dir), {"model.layers.0.self_attn.q_proj": torch.zeros(32, 31)}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

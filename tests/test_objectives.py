@@ -41,9 +41,11 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def knowledge(loaded):
-    """A frozen adapter K (trained on all facts): the stack the reference must keep."""
+    """K, an adapter that taught the base the forget and retain facts. Unlearning runs on base + K
+    (K frozen underneath), as it does on a model that holds the knowledge; K is also the part of
+    the stack that NPO's and KL's reference must keep."""
     model, tok, _ = loaded
-    return train_adapter(model, tok, FORGET + RETAIN, fast("nll", max_steps=5, learning_rate=3e-2), progress=False)
+    return train_adapter(model, tok, FORGET + RETAIN, fast("nll", max_steps=30, learning_rate=3e-2), progress=False)
 
 
 def _batches(tok, streams: dict[str, list[dict[str, str]]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -52,8 +54,9 @@ def _batches(tok, streams: dict[str, list[dict[str, str]]]) -> dict[str, dict[st
     return StreamCollator(tok)([{name: d[i] for name, d in data.items()} for i in range(n)])
 
 
-def _nll_with(model, tok, adapter, rows) -> float:
-    with attached(model, [(adapter, 1.0)]) as m:
+def _nll(model, tok, stack, rows) -> float:
+    """Mean answer NLL of ``rows`` under base + ``stack``."""
+    with attached(model, stack) as m:
         return answer_nll(m, tok, rows).mean().item()
 
 
@@ -142,28 +145,26 @@ def test_npo_at_initialisation_and_its_reference(loaded, knowledge):
         assert npo(peft, batches, beta=beta, alpha=alpha).item() == pytest.approx(want.item(), rel=1e-4)
 
 
-# ---- a few steps of each objective on the tiny nf4 model -------------------------------------
+# ---- a few steps of each objective on the tiny nf4 model, on top of K ---------------------------
 
 @pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "kl", "npo"])
-def test_unlearning_objectives_raise_the_forget_nll(loaded, name):
+def test_unlearning_objectives_raise_the_forget_nll(loaded, knowledge, name):
     model, tok, _ = loaded
-    data = {"forget": FORGET, "retain": RETAIN}
-    adapter = train_adapter(model, tok, data, fast(name), progress=False)
-    before = answer_nll(model, tok, FORGET).mean().item()
-    after = _nll_with(model, tok, adapter, FORGET)
-    assert after > before + 0.1, (name, before, after)
+    K = [(knowledge, 1.0)]
+    adapter = train_adapter(model, tok, {"forget": FORGET, "retain": RETAIN}, fast(name), stack=K, progress=False)
+    before, after = _nll(model, tok, K, FORGET), _nll(model, tok, K + [(adapter, 1.0)], FORGET)
+    assert after > before + 1.0, (name, before, after)
     assert adapter.lineage["objective_params"] == objectives.get(name).defaults
 
 
-def test_idk_teaches_refusals(loaded):
+def test_idk_teaches_refusals(loaded, knowledge):
     model, tok, _ = loaded
+    K = [(knowledge, 1.0)]
     data = {"forget": FORGET, "retain": RETAIN}
-    obj = objectives.get("idk")
-    swapped = obj.prepare(data, 0, {"alpha": 1.0})["forget"]
-    adapter = train_adapter(model, tok, data, fast("idk"), progress=False)
-    before = answer_nll(model, tok, swapped).mean().item()
-    after = _nll_with(model, tok, adapter, swapped)
-    assert after < before - 0.1, (before, after)
+    refused = objectives.get("idk").prepare(data, 0, {"alpha": 1.0})["forget"]  # what training sees (seed 0)
+    adapter = train_adapter(model, tok, data, fast("idk"), stack=K, progress=False)
+    before, after = _nll(model, tok, K, refused), _nll(model, tok, K + [(adapter, 1.0)], refused)
+    assert after < before - 0.5, (before, after)
 
 
 def test_idk_swaps_answers_reproducibly():
@@ -181,14 +182,16 @@ def test_idk_swaps_answers_reproducibly():
         prepare({"forget": [{"text": "plain"}], "retain": RETAIN}, 0, {"alpha": 1.0})
 
 
-def test_surgery_forgets_and_updates(loaded):
+def test_surgery_forgets_and_updates(loaded, knowledge):
+    """Edits: the forget answers (known through K) fall, the update answers to the same questions rise."""
     model, tok, _ = loaded
+    K = [(knowledge, 1.0)]
     data = {"forget": FORGET, "update": UPDATE, "retain": RETAIN}
-    adapter = train_adapter(model, tok, data, fast("surgery", max_steps=6), progress=False)
-    forget_before, update_before = (answer_nll(model, tok, rows).mean().item() for rows in (FORGET, UPDATE))
-    forget_after, update_after = (_nll_with(model, tok, adapter, rows) for rows in (FORGET, UPDATE))
-    assert forget_after > forget_before + 0.1, (forget_before, forget_after)
-    assert update_after < update_before - 0.1, (update_before, update_after)
+    adapter = train_adapter(model, tok, data, fast("surgery", max_steps=10), stack=K, progress=False)
+    (forget_before, update_before), (forget_after, update_after) = (
+        [_nll(model, tok, stack, rows) for rows in (FORGET, UPDATE)] for stack in (K, K + [(adapter, 1.0)]))
+    assert forget_after > forget_before + 0.3, (forget_before, forget_after)
+    assert update_after < update_before - 0.5, (update_before, update_after)
 
 
 def test_surgery_train_defaults_are_the_official_settings():

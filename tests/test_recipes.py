@@ -83,7 +83,7 @@ output: u
 
 @pytest.mark.parametrize("edit, message", [
     (("steps:", "stepz: []\nsteps:"), "unknown key 'stepz'. Valid keys there: adapters, base, data, description"),
-    (("train: {objective: nll,", "train: {objective: nll, epochz: 3,"), "unknown key 'steps.0.train.epochz'. Valid keys there: config, data, objective, on, params"),
+    (("train: {objective: nll,", "train: {objective: nll, epochz: 3,"), "unknown key 'steps.0.train.epochz'. Valid keys there: config, data, objective, over, params"),
     (("objective: nll", "objective: forgetful"), "Unknown objective 'forgetful'. Available:"),
     (("name: negate", "name: negative"), "steps.1.op.name"),
     (("data: {train: forget}", "data: {forget: forget}"), "needs the data stream(s) train"),
