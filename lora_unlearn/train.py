@@ -125,9 +125,9 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
     """
     config.validate()
     objective = objectives.get(config.objective)
-    streams = objective.select_streams(data)
+    given = objective.select_streams(data)
     params = objective.resolve_params(config.extra)
-    streams = objective.prepare(streams, config.seed, params) if objective.prepare else streams
+    streams = objective.prepare(given, config.seed, params) if objective.prepare else given
     dataset = StreamDataset({name: to_dataset(tokenizer, rows, config.max_length) for name, rows in streams.items()},
                             seed=config.seed)
     set_seed(config.seed)
@@ -168,7 +168,7 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
         "base_model": getattr(base_info, "hub_id", None),
         "quantization": getattr(base_info, "quantization", None),
         "objective_params": _jsonable(params),
-        "data": {name: fingerprint(rows) for name, rows in streams.items()},
+        "data": {name: fingerprint(rows) for name, rows in given.items()},  # the user's data, before prepare
         "final_train_loss": round(float(result.training_loss), 6),
         "inputs": [_scaled_lineage(a, c) for a, c in stack],
     }

@@ -30,7 +30,8 @@ IGNORE = -100
 
 
 def fast(objective: str, **kw) -> TrainConfig:
-    settings = dict(r=4, lora_alpha=8, max_steps=3, batch_size=2, max_length=64, learning_rate=1e-2)
+    """8 steps at lr 3e-2: 3 steps at 1e-2 move the forget NLL of the tiny model by less than 1 nat."""
+    settings = dict(r=4, lora_alpha=8, max_steps=8, batch_size=2, max_length=128, learning_rate=3e-2)
     return TrainConfig(objective=objective, **{**settings, **kw})
 
 
@@ -45,7 +46,7 @@ def knowledge(loaded):
     (K frozen underneath), as it does on a model that holds the knowledge; K is also the part of
     the stack that NPO's and KL's reference must keep."""
     model, tok, _ = loaded
-    return train_adapter(model, tok, FORGET + RETAIN, fast("nll", max_steps=30, learning_rate=3e-2), progress=False)
+    return train_adapter(model, tok, FORGET + RETAIN, fast("nll", max_steps=30), progress=False)
 
 
 def _batches(tok, streams: dict[str, list[dict[str, str]]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -114,14 +115,15 @@ def test_npo_forget_term_by_hand():
 # ---- NPO's reference is the model without the trainable adapter ------------------------------
 
 def test_npo_at_initialisation_and_its_reference(loaded, knowledge):
-    """With a frozen K underneath: at B = 0 the forget term is exactly (2/beta) log 2; after moving
-    B, log p_ref is that of base + K (not of the bare base, not of the trained model)."""
+    """With a frozen K underneath: at B = 0 the forget term is exactly (2/beta) log 2 and the KL
+    terms are 0; after moving B, log p_ref is that of base + K (not of the bare base, not of the
+    trained model)."""
     from peft import LoraConfig
 
     model, tok, _ = loaded
     beta, alpha = 0.1, 1.0
     npo = objectives.get("npo").loss
-    batches = _batches(tok, {"forget": FORGET, "retain": RETAIN})
+    batches = _batches(tok, {"forget": FORGET, "update": UPDATE, "retain": RETAIN})
     n_answer = (batches["forget"]["labels"] != IGNORE).sum(1)
     with attached(model, [(knowledge, 1.0)]) as m:
         logp_k = -answer_nll(m, tok, FORGET) * n_answer
@@ -130,9 +132,13 @@ def test_npo_at_initialisation_and_its_reference(loaded, knowledge):
 
     trainable = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     with torch.no_grad(), attached(model, [(knowledge, 1.0)], trainable=trainable) as peft:
-        nll_r = peft(**batches["retain"]).loss  # transformers' own loss
+        # transformers' own loss, computed independently of objectives.common
+        nll_f, nll_u, nll_r = (peft(**batches[s]).loss.item() for s in ("forget", "update", "retain"))
         got = npo(peft, batches, beta=beta, alpha=alpha)
-        assert got.item() == pytest.approx(2 / beta * math.log(2) + alpha * nll_r.item(), abs=1e-5)
+        assert got.item() == pytest.approx(2 / beta * math.log(2) + alpha * nll_r, abs=1e-5)
+        assert objectives.get("kl").loss(peft, batches, alpha=1.0).item() == pytest.approx(-nll_f, abs=1e-5)
+        surgery = objectives.get("surgery").loss(peft, batches, a=0.1, b=2.0, c=0.5)
+        assert surgery.item() == pytest.approx(-0.1 * nll_f + 2.0 * nll_u, abs=1e-5)
 
         for name, p in peft.named_parameters():
             if ".trainable." in name and "lora_B" in name:
@@ -153,7 +159,7 @@ def test_unlearning_objectives_raise_the_forget_nll(loaded, knowledge, name):
     K = [(knowledge, 1.0)]
     adapter = train_adapter(model, tok, {"forget": FORGET, "retain": RETAIN}, fast(name), stack=K, progress=False)
     before, after = _nll(model, tok, K, FORGET), _nll(model, tok, K + [(adapter, 1.0)], FORGET)
-    assert after > before + 1.0, (name, before, after)
+    assert after > before + 2.0, (name, before, after)
     assert adapter.lineage["objective_params"] == objectives.get(name).defaults
 
 
@@ -164,7 +170,7 @@ def test_idk_teaches_refusals(loaded, knowledge):
     refused = objectives.get("idk").prepare(data, 0, {"alpha": 1.0})["forget"]  # what training sees (seed 0)
     adapter = train_adapter(model, tok, data, fast("idk"), stack=K, progress=False)
     before, after = _nll(model, tok, K, refused), _nll(model, tok, K + [(adapter, 1.0)], refused)
-    assert after < before - 0.5, (before, after)
+    assert after < before - 1.0, (before, after)
 
 
 def test_idk_swaps_answers_reproducibly():
@@ -183,15 +189,15 @@ def test_idk_swaps_answers_reproducibly():
 
 
 def test_surgery_forgets_and_updates(loaded, knowledge):
-    """Edits: the forget answers (known through K) fall, the update answers to the same questions rise."""
+    """Edits: the forget answers (known through K) get less likely, the new answers more likely."""
     model, tok, _ = loaded
     K = [(knowledge, 1.0)]
     data = {"forget": FORGET, "update": UPDATE, "retain": RETAIN}
-    adapter = train_adapter(model, tok, data, fast("surgery", max_steps=10), stack=K, progress=False)
+    adapter = train_adapter(model, tok, data, fast("surgery"), stack=K, progress=False)
     (forget_before, update_before), (forget_after, update_after) = (
         [_nll(model, tok, stack, rows) for rows in (FORGET, UPDATE)] for stack in (K, K + [(adapter, 1.0)]))
-    assert forget_after > forget_before + 0.3, (forget_before, forget_after)
-    assert update_after < update_before - 0.5, (update_before, update_after)
+    assert forget_after > forget_before + 1.0, (forget_before, forget_after)
+    assert update_after < update_before - 1.0, (update_before, update_after)
 
 
 def test_surgery_train_defaults_are_the_official_settings():
@@ -204,22 +210,34 @@ def test_surgery_train_defaults_are_the_official_settings():
 
 # ---- errors --------------------------------------------------------------------------------
 
-def test_missing_streams_fail_before_training(loaded):
+@pytest.fixture
+def no_training(monkeypatch):
+    """Any attempt to set the model up for training fails the test: errors must come first."""
+    import lora_unlearn.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was set up for training before the inputs were checked")
+
+    monkeypatch.setattr(lora_unlearn.train, "attached", refuse)
+
+
+def test_missing_streams_fail_before_training(loaded, no_training):
     model, tok, _ = loaded
     with pytest.raises(UserError, match=r"'grad_diff' needs the data stream\(s\) retain"):
         train_adapter(model, tok, {"forget": FORGET}, fast("grad_diff"), progress=False)
     with pytest.raises(UserError, match=r"'npo' needs the data stream\(s\) retain"):
         train_adapter(model, tok, FORGET, fast("npo"), progress=False)  # a plain list is the first stream
-    with pytest.raises(UserError, match=r"'surgery' needs the data stream\(s\) update \(it uses forget, update, retain"):
+    with pytest.raises(UserError, match=r"'surgery' needs the data stream\(s\) update \(it uses forget, update, retain;"):
         train_adapter(model, tok, {"forget": FORGET, "retain": RETAIN}, fast("surgery"), progress=False)
-    assert not hasattr(model, "peft_config")  # nothing was attached
 
 
-def test_unknown_parameters_and_objectives_list_what_exists(loaded):
+def test_unknown_parameters_and_objectives_list_what_exists(loaded, no_training):
     model, tok, _ = loaded
     with pytest.raises(UserError, match=r"'npo' has no parameter 'betta'. Available: alpha, beta"):
-        train_adapter(model, tok, {"forget": FORGET, "retain": RETAIN}, fast("npo", extra={"betta": 1.0}), progress=False)
-    with pytest.raises(UserError, match="Unknown objective 'nope'. Available: grad_ascent, grad_diff, idk, kl, nll, npo, surgery"):
+        train_adapter(model, tok, {"forget": FORGET, "retain": RETAIN}, fast("npo", extra={"betta": 1.0}),
+                      progress=False)
+    available = "grad_ascent, grad_diff, idk, kl, nll, npo, surgery"
+    with pytest.raises(UserError, match=f"Unknown objective 'nope'. Available: {available}"):
         objectives.get("nope")
     with pytest.raises(UserError, match="beta must be > 0"):
         objectives.get("npo").loss(None, {}, beta=0.0, alpha=1.0)

@@ -5,11 +5,11 @@ for LLMs", 2024, arXiv 2401.06121): answer the forget questions with refusals.
     L = NLL_idk + alpha * NLL_r
 
 NLL_* is the mean answer-token NLL of one batch of the stream. The 100 refusals are TOFU's
-``data/idontknow.jsonl`` (MIT, see resources/README.md). Two differences from TOFU's code
-(locuslab/tofu ``dataloader.py``, ``loss_type == "idk"``), both deliberate:
+``data/idontknow.jsonl`` (MIT, see resources/README.md). Two deliberate differences from TOFU's
+code (locuslab/tofu: ``data_module.py`` draws the refusals, ``dataloader.py`` has the loss):
 - TOFU draws a fresh refusal each time a row is read; here each row gets one refusal, drawn once
-  with ``random.Random(seed)`` (the run's seed), so a run is reproducible and its lineage
-  fingerprints the exact rows trained on.
+  with ``random.Random(seed)`` (the run's seed, recorded in the lineage), so the rows trained on
+  can be rebuilt from the forget data and the seed.
 - TOFU takes one token mean over the concatenated idk + retain batch, which weights the streams
   by their token counts; here the two stream means are added (alpha = 1), as in GradDiff.
 """
