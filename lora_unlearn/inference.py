@@ -10,6 +10,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from .data import IGNORE, encode_qa, prompt_text
+from .objectives.common import token_nll
 
 
 @torch.no_grad()
@@ -39,12 +40,9 @@ def answer_nll(model, tokenizer, rows: list[dict[str, str]], batch_size: int = 8
     for start in range(0, len(rows), batch_size):
         batch = collate([encode_qa(tokenizer, r["question"], r["answer"], max_length) for r in rows[start:start + batch_size]])
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        mask = labels != IGNORE
-        token_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        out.append((token_nll.sum(1) / mask.sum(1)).cpu())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, mask = token_nll(logits, batch["labels"])
+        out.append((nll.sum(1) / mask.sum(1)).cpu())
     return torch.cat(out)
 
 

@@ -163,9 +163,10 @@ def test_compress_keeps_dtype_and_float32_accuracy():
             assert_close(to_dense(out)[n], dw(want.modules[n]), rtol=rtol)
 
 
-def test_import_arithmetic_stays_light():
-    """Importing the arithmetic pulls in neither transformers nor peft."""
-    code = ("import sys, lora_unlearn.arithmetic\n"
+@pytest.mark.parametrize("module", ["lora_unlearn.arithmetic", "lora_unlearn.perta", "lora_unlearn.adapter"])
+def test_pure_modules_stay_light(module):
+    """Importing the pure arithmetic (and PerTA's rescaling) pulls in neither transformers nor peft."""
+    code = (f"import sys, {module}\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft'))\n"
             "assert not heavy, heavy\n")
     root = Path(__file__).resolve().parents[1]
