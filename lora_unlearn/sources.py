@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .data import load_any, load_qa, load_records, load_texts
+from .data import load_qa, load_records, load_texts
 from .errors import UserError
 
 TOFU_MINI = ("retain", "forget01", "holdout01", "real_authors", "world_facts")
@@ -76,7 +76,7 @@ def load_source(source: str, view: str = "qa", tofu_dir: str | None = None, limi
         raw = _tofu_rows(source.removeprefix("tofu:"), tofu_dir)
         rows = [{"question": r["question"], "answer": r["answer"]} for r in raw]
     else:
-        rows = {"qa": load_qa, "text": load_texts}[view](source) if view in ("qa", "text") else load_any(source)
+        rows = load_texts(source) if view == "text" else load_qa(source)
     if limit is not None:
         rows = rows[:limit]
     if not rows:
