@@ -14,11 +14,15 @@ _LAZY = {
     "compress": "arithmetic", "to_dense": "arithmetic",
     "UserError": "errors",
     "load_base": "models",
+    "ForgetRuntime": "runtime", "load_model": "loading", "hotswap": "loading", "LoadReport": "loading",
     "load_qa": "data", "load_texts": "data",
     "TrainConfig": "train", "learn": "train",
-    "answer": "generate", "with_adapters": "generate",
+    "answer": "inference", "answer_probability": "inference", "attached": "stack",
+    "evaluate_tofu": "evaluate.tofu", "evaluate_edits": "evaluate.edits", "select_run": "select",
+    "write_card": "cards", "push": "cards", "export_merged": "export", "export_servable": "export",
+    "create_app": "server",
 }
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [*sorted(_LAZY), "__version__"]
 
 
 def __getattr__(name: str):

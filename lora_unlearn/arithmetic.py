@@ -37,6 +37,9 @@ def scale(adapter: Adapter, c: float) -> Adapter:
     """c * dW: B is multiplied by c, A and the scaling stay."""
     c = _finite("scale factor", c)
     modules = {n: LoraModule(m.A, (m.B.float() * c).to(m.B.dtype), m.scaling) for n, m in adapter.modules.items()}
+    bad = next((n for n, m in modules.items() if not torch.isfinite(m.B).all()), None)
+    if bad is not None:
+        raise UserError(f"scaling by {c:g} overflows {bad}'s weights ({modules[bad].B.dtype}): use a smaller factor")
     return adapter.derive(modules, "scale", {"c": c})
 
 

@@ -22,6 +22,8 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it 
 Base = Annotated[str, typer.Option("--base", help="'smollm2-135m' (embedded), a local model folder or a Hub id.")]
 Quant = Annotated[str, typer.Option("--quantization", "-q", help="nf4, int8 or none.")]
 Stack = Annotated[list[str] | None, typer.Option("--adapter", help="DIR or DIR:SCALE, repeatable; kept unmerged.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial (nothing there: start fresh).")]
+CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable checkpoint every N optimizer steps (0: never).")]
 
 
 def user_errors(fn):
@@ -36,11 +38,30 @@ def user_errors(fn):
     return wrapper
 
 
+@app.callback()
+def _options(ctx: typer.Context,
+             allow_pickle: Annotated[bool, typer.Option(
+                 "--allow-pickle", help="Also read pickle weights (adapter_model.bin, pytorch_model.bin) with "
+                 "torch.load(weights_only=True). Off: pickle can run code when loaded.")] = False):
+    """Unlearning and knowledge updates as task arithmetic on LoRA adapters over a 4-bit base."""
+    if allow_pickle:
+        from .adapter import pickle_allowed
+
+        ctx.with_resource(pickle_allowed())  # for every load the command makes, recipes included
+
+
 def _quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _note_fresh_start(out: Path, resume: bool) -> None:
+    from .jobs import is_main_process, work_dir
+
+    if resume and is_main_process() and not work_dir(out).exists():
+        err_console.print(f"nothing to resume in {work_dir(out)}: starting from scratch")
 
 
 def _write(adapter, out: Path, overwrite: bool) -> None:
@@ -58,6 +79,10 @@ def negate(src: Path, out: Path, scale: Annotated[float, typer.Option("--scale",
     """Write -lam * dW of SRC to OUT (task-vector negation)."""
     from .adapter import load_adapter
     from .arithmetic import negate as op
+
+    if scale < 0:
+        raise UserError(f"--scale must be >= 0, got {scale:g}: negate writes -lam * dW, so a negative lam adds "
+                        "the knowledge back; for c * dW use `lora-unlearn scale --by c`")
 
     _write(op(load_adapter(src), scale), out, overwrite)
 
@@ -80,6 +105,10 @@ def extrapolate(src: Path, out: Path, alpha: Annotated[float, typer.Option("--al
     """Write (1 + alpha) * dW of SRC to OUT (UIPE's extrapolation of an unlearning update)."""
     from .adapter import load_adapter
     from .arithmetic import extrapolate as op
+
+    if alpha <= -1:
+        raise UserError(f"--alpha must be > -1, got {alpha:g}: (1 + alpha) * dW would be zero or flip the sign; "
+                        "use `lora-unlearn negate` or `scale --by c` for that")
 
     _write(op(load_adapter(src), alpha), out, overwrite)
 
@@ -126,20 +155,28 @@ def learn(data: Annotated[str, typer.Option("--data", help="JSONL (question/answ
           r: int = 8, alpha: float = 16.0,
           target_modules: Annotated[str, typer.Option(help="'all-linear' or comma-separated module names.")] = "all-linear",
           lr: float = 1e-3, epochs: float = 3.0, batch_size: int = 8, grad_accum: int = 1, seed: int = 0,
-          max_length: int = 256, overwrite: Overwrite = False):
+          max_length: int = 256,
+          max_steps: Annotated[int, typer.Option(help="Train this many optimizer steps (overrides --epochs); -1: off.")] = -1,
+          overwrite: Overwrite = False, resume: Resume = False, checkpoint_every: CheckpointEvery = 50):
     """Train a LoRA adapter with NLL on DATA over a quantized base (and frozen adapters)."""
     from .data import load_any
+    from .jobs import is_main_process
     from .stack import parse_stack
-    from .train import TrainConfig, learn as run
+    from .train import TrainConfig
+    from .train import learn as run
 
     _quiet_libraries()
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     config = TrainConfig(r=r, lora_alpha=alpha, target_modules=targets, learning_rate=lr, epochs=epochs,
-                         batch_size=batch_size, grad_accum=grad_accum, seed=seed, max_length=max_length)
+                         batch_size=batch_size, grad_accum=grad_accum, seed=seed, max_length=max_length,
+                         max_steps=max_steps)
     config.validate()
     rows = load_any(data)
-    adapter = run(rows, out, base=base, quantization=quantization, on=parse_stack(on), config=config, overwrite=overwrite)
-    err_console.print(f"wrote {out} (final train loss {adapter.lineage['final_train_loss']:.4f})")
+    _note_fresh_start(out, resume)
+    adapter = run(rows, out, base=base, quantization=quantization, on=parse_stack(on), config=config, overwrite=overwrite,
+                  resume=resume, checkpoint_every=checkpoint_every)
+    if is_main_process():
+        err_console.print(f"wrote {out} (final train loss {adapter.lineage['final_train_loss']:.4f})")
 
 
 @app.command()
@@ -176,18 +213,41 @@ def ask(questions: Annotated[str, typer.Option("--questions", help="A question, 
 def run(recipe: Path,
         out: Annotated[Path | None, typer.Option("--out", help="Output folder (default runs/RECIPE_NAME).")] = None,
         set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY.SUB=VALUE (YAML value); repeatable.")] = None,
-        overwrite: Overwrite = False):
+        overwrite: Overwrite = False, resume: Resume = False, checkpoint_every: CheckpointEvery = 50,
+        select_: Annotated[str | None, typer.Option("--select", help="STEP.PARAM=V1,V2,... : after the run, sweep "
+                                                    "that coefficient and choose it (see `lora-unlearn select`).")] = None,
+        holdout: Holdout = None, holdout_rows: HoldoutRows = None, budget: Budget = 0.05):
     """Run a recipe (recipes/*.yaml): train, estimate importance and do arithmetic, step by step."""
+    from .jobs import is_main_process
     from .recipes import load_recipe, run_recipe
 
     _quiet_libraries()
+    if select_ is not None:
+        from .select import parse_target, parse_values
+
+        target, sep, values = select_.partition("=")
+        if not sep:
+            raise UserError(f"--select {select_!r}: use STEP.PARAM=V1,V2,..., e.g. unlearned.lam=0.5,1,2")
+        parse_target(target)
+        parse_values(values)
+        if not holdout:
+            raise UserError("--select needs held-out retain data the method did not train on: pass --holdout DATA")
     spec = load_recipe(recipe, set_ or [])
     out = out or Path("runs") / spec.name
-    report = run_recipe(spec, out, overwrite=overwrite, console=err_console)
+    from .fsutil import check_separate
+
+    check_separate(out, spec.adapters.values(), what="input adapter")
+    _note_fresh_start(out, resume)
+    report = run_recipe(spec, out, overwrite=overwrite, console=err_console, resume=resume,
+                        checkpoint_every=checkpoint_every)
+    if not is_main_process():
+        return
     table = Table("step", "seconds", title=f"{spec.name}: result in {out}/adapter")
     for step in report["steps"]:
         table.add_row(step["name"], f"{step['seconds']:.1f}")
     out_console.print(table)
+    if select_ is not None:
+        _select(out, target, values, holdout, holdout_rows, None, budget)
 
 
 @app.command()
@@ -200,6 +260,249 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Where to keep the demo
 
     _quiet_libraries()
     run_demo(out, lam=lam, quantization=quantization, overwrite=overwrite, console=out_console)
+
+
+Holdout = Annotated[str | None, typer.Option("--holdout", help="Held-out retain data for --select (not used by the "
+                                             "method): JSONL, dataset folder or a source such as tofu-mini:retain.")]
+HoldoutRows = Annotated[str | None, typer.Option("--holdout-rows", help="START:END slice of --holdout, e.g. 360:400.")]
+ForgetData = Annotated[str | None, typer.Option("--forget", help="Forget data for --select (default: the recipe's 'forget').")]
+Budget = Annotated[float, typer.Option("--budget", help="Largest allowed relative drop of held-out answer probability.")]
+
+
+def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout_rows: str | None,
+            forget: str | None, budget: float) -> None:
+    from .select import RunArtifacts, parse_target, parse_values, select_run
+    from .sources import load_source
+
+    parse_target(param)
+    grid = parse_values(values)
+    if not holdout:
+        raise UserError("choosing a coefficient needs held-out retain data the method did not train on: "
+                        "pass --holdout DATA (and --holdout-rows START:END to take a slice)")
+    run = RunArtifacts(run_dir)
+    if forget is None:
+        entry = run.recipe.data.get("forget")
+        if entry is None:
+            raise UserError(f"{run_dir}: the recipe has no data entry 'forget': pass --forget DATA")
+        sources = [entry.source] if isinstance(entry.source, str) else entry.source
+        forget_rows = [r for s in sources for r in load_source(s, "qa", run.recipe.tofu_dir)]
+    else:
+        forget_rows = load_source(forget)
+    held = load_source(holdout)
+    if holdout_rows:
+        try:
+            start, end = (int(x) if x else None for x in holdout_rows.split(":"))
+        except ValueError:
+            raise UserError(f"--holdout-rows {holdout_rows!r}: use START:END, e.g. 360:400") from None
+        held = held[start:end]
+
+    def show(point):
+        err_console.print(f"{param}={point['value']:g}: forget P {point['forget_probability']:.4f}, "
+                          f"held-out drop {point['utility_drop']:+.2%}")
+
+    result = select_run(run_dir, param, grid, forget_rows=forget_rows, holdout_rows=held, budget=budget,
+                        progress=show)
+    table = Table("value", "forget P", "held-out P", "drop", title=f"sweep of {param} (budget {budget:.0%})")
+    for p in result["points"]:
+        mark = " <" if p["value"] == result["selected"] else ""
+        table.add_row(f"{p['value']:g}{mark}", f"{p['forget_probability']:.4f}", f"{p['utility']:.4f}",
+                      f"{p['utility_drop']:+.2%}")
+    out_console.print(table)
+    note = "" if result["within_budget"] else " (no value kept the budget: the smallest drop was chosen)"
+    out_console.print(f"selected {param}={result['selected']:g}{note}; adapter in {run_dir}/selected, "
+                      f"sweep in {run_dir}/selection.json")
+
+
+@app.command()
+@user_errors
+def select(run_dir: Annotated[Path, typer.Argument(help="A finished `lora-unlearn run` output folder.")],
+           param: Annotated[str, typer.Option("--param", help="STEP.PARAM to sweep, e.g. unlearned.lam or unlearned.alpha.")],
+           values: Annotated[str, typer.Option("--values", help="Comma-separated values, e.g. 0.5,1,1.5,2,3.")],
+           holdout: Holdout = None, holdout_rows: HoldoutRows = None, forget: ForgetData = None, budget: Budget = 0.05):
+    """Choose lam/alpha without the answer key: the strongest forgetting whose held-out utility drop stays in budget.
+
+    Re-applies only the run's arithmetic (its trained adapters and importance maps are read back).
+    Writes RUN_DIR/selection.json (the whole sweep) and RUN_DIR/selected (the chosen adapter).
+    """
+    _quiet_libraries()
+    _select(run_dir, param, values, holdout, holdout_rows, forget, budget)
+
+
+@app.command("eval")
+@user_errors
+def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.json and results.md.")],
+          benchmark: Annotated[str, typer.Option("--benchmark", help="tofu or edits.")] = "tofu",
+          adapter: Stack = None, base: Base = "smollm2-135m", quantization: Quant = "nf4",
+          data: Annotated[str | None, typer.Option("--data", help="tofu: 'tofu-mini' or a folder of TOFU JSONL files "
+                                                   "(forget.jsonl, retain.jsonl, ...); edits: 'edits-demo' or a JSONL file.")] = None,
+          splits: Annotated[str | None, typer.Option("--splits", help="tofu: comma-separated subset of "
+                                                     "forget,retain,real_authors,world_facts.")] = None,
+          retain_limit: Annotated[int | None, typer.Option("--retain-limit", help="Retain rows, spread over all authors.")] = None,
+          limit: Annotated[int | None, typer.Option("--limit", help="First N rows of every other split.")] = None,
+          reference: Annotated[Path | None, typer.Option("--reference", help="results.json of the retain-only model: "
+                                                         "forget quality compares with its forget truth ratios.")] = None,
+          batch_size: int = 16,
+          max_new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per answer (tofu 64, edits 32).")] = None,
+          overwrite: Overwrite = False):
+    """Evaluate the base with a stack of adapters (unmerged) on TOFU or knowledge edits; write OUT/results.{json,md}."""
+    from .evaluate.report import tables, write_results
+
+    if benchmark not in ("tofu", "edits"):
+        raise UserError(f"unknown benchmark {benchmark!r}. Available: tofu, edits")
+    if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+        raise UserError("--batch-size and --max-new-tokens must be at least 1")
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists: choose another path or pass --overwrite")
+    if benchmark == "tofu":
+        from .evaluate.tofu import evaluate_tofu, load_reference, tofu_splits
+
+        names = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
+        rows = tofu_splits(data or "tofu-mini", retain_limit=retain_limit, limit=limit, splits=names)
+        ref = load_reference(reference) if reference else None
+        if ref is not None and "forget" not in rows:
+            raise UserError("--reference needs the forget split: include forget in --splits")
+        if ref is not None and len(ref) != len(rows["forget"]):
+            raise UserError(f"--reference has {len(ref)} forget truth ratios but this forget split has "
+                            f"{len(rows['forget'])} rows: evaluate both models on the same forget set")
+        evaluate = functools.partial(evaluate_tofu, splits=rows, reference_truth_ratios=ref, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens or 64)
+    else:
+        from .evaluate.edits import evaluate_edits
+        from .sources import load_edits
+
+        edits = load_edits(data or "edits-demo")
+        evaluate = functools.partial(evaluate_edits, edits=edits, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens or 32)
+    from .models import load_base
+    from .stack import attached, parse_stack
+
+    _quiet_libraries()
+    stack = parse_stack(adapter)
+    model, tokenizer, info = load_base(base, quantization)
+    with attached(model, stack) as m:
+        result = evaluate(m, tokenizer)
+    layers = [f"{a.lineage.get('path', '?')}:{c:g}" for a, c in stack]
+    meta = {"model": " + ".join([f"{base} ({quantization})"] + layers), "base": info.hub_id, "quantization": quantization,
+            "adapters": [{"path": a.lineage.get("path"), "sha256": a.lineage.get("sha256"), "scale": c} for a, c in stack],
+            "data": data or ("tofu-mini" if benchmark == "tofu" else "edits-demo"),
+            "retain_limit": retain_limit, "limit": limit, "reference": str(reference) if reference else None}
+    result = {"benchmark": benchmark, "meta": meta, **result}
+    write_results(out, result, overwrite=overwrite)
+    for title, headers, body in tables(result):
+        table = Table(*headers, title=title)
+        for row in body:
+            table.add_row(*row)
+        out_console.print(table)
+    err_console.print(f"wrote {out}/results.json and {out}/results.md", soft_wrap=True)
+
+
+# ---- sharing and serving ----------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def card(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
+         force: Annotated[bool, typer.Option("--force", help="Replace a README.md that lora-unlearn did not write.")] = False):
+    """(Re)write FOLDER/README.md, the model card: lineage, risks, and results.json found beside it."""
+    from .cards import kind_of, write_card
+
+    path = write_card(folder, force=force)
+    err_console.print(f"wrote {path} ({kind_of(folder).kind} adapter)", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def push(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
+         repo_id: Annotated[str, typer.Argument(help="Hub repository, OWNER/NAME.")],
+         private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+         allow_forget_adapter: Annotated[bool, typer.Option(
+             "--allow-forget-adapter", help="Publish a forget or negated adapter anyway: adding it back restores "
+             "the knowledge it removes.")] = False,
+         message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None):
+    """Upload an adapter (its PEFT files, lineage and card) to the Hugging Face Hub."""
+    from .cards import push as push_adapter
+
+    url = push_adapter(folder, repo_id, private=private, allow_forget_adapter=allow_forget_adapter,
+                       commit_message=message)
+    out_console.print(url)
+
+
+@app.command()
+@user_errors
+def export(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
+           out: Annotated[Path, typer.Argument(help="Output folder.")],
+           merged: Annotated[bool, typer.Option("--merged", help="Write base + dW as a full model (float32).")] = False,
+           for_server: Annotated[str | None, typer.Option("--for", help="Make a multi-LoRA server accept it: vllm.")] = None,
+           max_rank: Annotated[int | None, typer.Option("--max-rank", help="--for: the server's rank limit (vllm: 16).")] = None,
+           dtype: Annotated[str | None, typer.Option("--dtype", help="Store A and B as float32, bfloat16 or float16.")] = None,
+           base: Annotated[str | None, typer.Option("--base", help="--merged: the base (default: the adapter's own).")] = None,
+           overwrite: Overwrite = False):
+    """Export an adapter: merged into its base (--merged), servable (--for vllm), or cast (--dtype)."""
+    from .export import export_cast, export_merged, export_servable
+
+    if merged and (for_server or dtype or max_rank):
+        raise UserError("--merged writes a float32 model: it takes no --for, --dtype or --max-rank")
+    if not (merged or for_server or dtype):
+        raise UserError("say what to export: --merged (a full model), --for vllm (a servable adapter) "
+                        "or --dtype bfloat16 (a cast copy)")
+    if max_rank is not None and not for_server:
+        raise UserError("--max-rank goes with --for")
+    if merged:
+        _quiet_libraries()
+        report = export_merged(folder, out, base=base, overwrite=overwrite)
+        err_console.print(f"wrote {out}: {report.base} + the adapter, merged in float32; logits against the "
+                          f"unmerged adapter on {report.probes} probes: max |diff| {report.max_abs_logit_diff:.2e}, "
+                          f"mean {report.mean_abs_logit_diff:.2e}", soft_wrap=True)
+    elif for_server:
+        report = export_servable(folder, out, server=for_server, max_rank=max_rank, dtype=dtype, overwrite=overwrite)
+        table = Table("check", "status", "detail", title=f"{folder} for {report.server} (max rank {report.max_rank})")
+        for c in report.checks:
+            table.add_row(c.name, c.status, c.detail)
+        out_console.print(table)
+        worst = sorted(report.errors.items(), key=lambda kv: -kv[1])[:5]
+        out_console.print("largest relative errors of dW: "
+                          + ", ".join(f"{name} {err:.2e}" for name, err in worst), soft_wrap=True)
+        err_console.print(f"wrote {out} (rank {report.rank})")
+    else:
+        result = export_cast(folder, out, dtype, overwrite=overwrite)
+        err_console.print(f"wrote {out} ({len(result.modules)} modules as {dtype})")
+
+
+@app.command()
+@user_errors
+def serve(adapter: Annotated[list[str] | None, typer.Option(
+              "--adapter", help="NAME=DIR[:DEFAULT] (a folder or Hub id), repeatable; DEFAULT is the strength a "
+              "request gets when it does not set one (0 = off).")] = None,
+          base: Base = "smollm2-135m", quantization: Quant = "nf4",
+          host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port")] = 8000,
+          api_key: Annotated[str | None, typer.Option("--api-key", envvar="LORA_UNLEARN_API_KEY",
+                                                      help="Require 'Authorization: Bearer KEY'.")] = None,
+          max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask.")] = 256,
+          max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", help="Longest prompt, in characters.")] = 8000,
+          max_batch: Annotated[int, typer.Option("--max-batch", help="Rows generated together.")] = 8,
+          batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="Wait for more requests this long.")] = 5.0):
+    """Serve OpenAI-style completions with per-request forget strengths ("forget": {"NAME": 1.0})."""
+    from .runtime import ForgetRuntime
+    from .server import LOOPBACK, Limits, parse_adapter_spec
+    from .server import serve as run_server
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be in 1..65535, got {port}")
+    if host not in LOOPBACK and not api_key:
+        raise UserError(f"--host {host} exposes the server beyond this machine: set --api-key "
+                        "(or LORA_UNLEARN_API_KEY), or bind 127.0.0.1")
+    limits = Limits(max_tokens=max_tokens_limit, max_prompt_chars=max_prompt_chars, max_batch=max_batch,
+                    batch_window_ms=batch_window_ms)
+    limits.validate()
+    specs = [parse_adapter_spec(s) for s in adapter or []]
+    names = [name for name, _, _ in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"--adapter names must be unique, got {', '.join(names)}")
+    _quiet_libraries()
+    runtime = ForgetRuntime.from_base(base, quantization)
+    err_console.print(f"serving {base} ({quantization}) with {', '.join(names) or 'no adapters'} on "
+                      f"http://{host}:{port}{' (API key required)' if api_key else ''}", soft_wrap=True)
+    run_server(runtime, host=host, port=port, api_key=api_key, limits=limits, adapters=specs, log_level="warning")
 
 
 def main() -> None:

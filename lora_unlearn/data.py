@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +18,41 @@ from .errors import UserError
 IGNORE = -100
 
 
+_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".arrow", ".yaml", ".yml")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+    """Rows of a JSON Lines file (UTF-8, a BOM allowed), each with its line number as ``_line``."""
+    raw = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text: expected JSON Lines") from None
-    for number, line in enumerate(lines, start=1):
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
+                        "expected JSON Lines in UTF-8; re-save the file as UTF-8") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: malformed JSON ({e.msg}); each line must be one JSON object") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: JSON nested too deeply; each line must be one JSON object") from None
         if not isinstance(row, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__} "
+                            "(JSON Lines: one object per line, not a JSON array)")
         rows.append({**row, "_line": number})
     return rows
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` that is not a local path: a missing ``data/x.jsonl`` must not reach the Hub."""
+    if not _HUB_ID.match(source) or source.lower().endswith(_FILE_SUFFIXES):
+        return False
+    return not Path(source.split("/")[0]).exists()
 
 
 def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
@@ -46,17 +65,29 @@ def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any
 
         try:
             ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
+            rows = list(ds[split] if isinstance(ds, datasets.DatasetDict) else ds)
+        except KeyError:
+            raise UserError(f"{path} has no split {split!r}") from None
+        except (OSError, ValueError, TypeError):  # missing or corrupt dataset files (pyarrow errors are ValueError)
             raise UserError(f"{path} is a folder but not a dataset saved with datasets' save_to_disk") from None
-        rows = list(ds[split] if isinstance(ds, datasets.DatasetDict) else ds)
-    elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+    elif isinstance(source, str) and _looks_like_hub_id(source):
         import datasets  # a Hub dataset id (needs network access)
 
-        rows = list(datasets.load_dataset(str(source), split=split))
+        try:
+            rows = list(datasets.load_dataset(source, split=split))
+        except (OSError, ValueError) as e:  # not found, no network (ConnectionError is an OSError), bad split
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"cannot load the Hub dataset {source!r} ({reason}): check the id and the network, "
+                            "or give a local JSONL file") from None
+    elif path.exists():
+        raise UserError(f"data source {source} is neither a file nor a folder")
     else:
         raise UserError(f"data file {source} does not exist: give a JSONL file, a saved dataset folder or a Hub id")
     if not rows:
         raise UserError(f"{source} holds no rows: the data set is empty")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{_where(source, {}, i)}: expected a record, got {type(row).__name__}")
     return rows
 
 
@@ -64,31 +95,62 @@ def _where(source: str | Path, row: dict[str, Any], index: int) -> str:
     return f"{source}:{row['_line']}" if "_line" in row else f"{source} row {index}"
 
 
-def load_qa(source: str | Path, split: str = "train") -> list[dict[str, str]]:
-    """Question/answer rows (keys ``question`` and ``answer``, strings)."""
-    rows = load_records(source, split)
+def text_field(row: dict[str, Any], key: str, where: str) -> str | None:
+    """``row[key]`` if it is a non-empty string of valid Unicode, else None."""
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: field {key!r} holds an invalid character (a lone surrogate escape such as "
+                        "\\ud800): fix the text") from None
+    return value
+
+
+def qa_rows(rows: list[dict[str, Any]], source: str | Path) -> list[dict[str, str]]:
+    """Validated ``{"question", "answer"}`` rows (non-empty strings) from raw records."""
     out = []
     for i, row in enumerate(rows):
-        q, a = row.get("question"), row.get("answer")
-        if not isinstance(q, str) or not isinstance(a, str) or not q.strip() or not a.strip():
-            raise UserError(f"{_where(source, row, i)}: expected non-empty string fields 'question' and 'answer'")
+        where = _where(source, row, i)
+        q, a = text_field(row, "question", where), text_field(row, "answer", where)
+        if q is None or a is None:
+            raise UserError(f"{where}: expected non-empty string fields 'question' and 'answer'")
         out.append({"question": q, "answer": a})
     return out
 
 
+def text_rows(rows: list[dict[str, Any]], source: str | Path) -> list[dict[str, str]]:
+    """Validated ``{"text"}`` rows (non-empty strings) from raw records."""
+    out = []
+    for i, row in enumerate(rows):
+        where = _where(source, row, i)
+        text = text_field(row, "text", where)
+        if text is None:
+            raise UserError(f"{where}: expected a non-empty string field 'text'")
+        out.append({"text": text})
+    return out
+
+
+def load_qa(source: str | Path, split: str = "train") -> list[dict[str, str]]:
+    """Question/answer rows (keys ``question`` and ``answer``, strings)."""
+    return qa_rows(load_records(source, split), source)
+
+
 def load_texts(source: str | Path, split: str = "train") -> list[dict[str, str]]:
     """Plain-text rows (key ``text``)."""
-    rows = load_records(source, split)
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise UserError(f"{_where(source, row, i)}: expected a non-empty string field 'text'")
-    return [{"text": row["text"]} for row in rows]
+    return text_rows(load_records(source, split), source)
 
 
 def load_any(source: str | Path, split: str = "train") -> list[dict[str, str]]:
-    """QA rows if the first row has ``question``, else text rows."""
-    first = load_records(source, split)[0]
-    return load_qa(source, split) if "question" in first else load_texts(source, split)
+    """QA rows if the first row has ``question``, text rows if it has ``text``."""
+    rows = load_records(source, split)
+    if "question" in rows[0]:
+        return qa_rows(rows, source)
+    if "text" in rows[0]:
+        return text_rows(rows, source)
+    raise UserError(f"{_where(source, rows[0], 0)}: expected fields 'question' and 'answer' (QA) or 'text' "
+                    f"(plain text), got {', '.join(map(repr, [k for k in rows[0] if k != '_line'][:5])) or 'none'}")
 
 
 def fingerprint(rows: list[dict[str, str]]) -> dict[str, Any]:

@@ -7,4 +7,11 @@ other exception is a bug and keeps its traceback.
 
 
 class UserError(Exception):
-    """Bad input: the message says what is wrong and what to do next."""
+    """Bad input: the message says what is wrong and what to do next.
+
+    The message is kept to one line: line breaks that arrive inside it (a file name or a
+    config value holding one) are shown escaped, as ``\\n``.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))

@@ -270,6 +270,9 @@ def save_importance(maps: dict[str, torch.Tensor], path: str | Path, meta: dict[
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in maps.items()}, tmp,
                   metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

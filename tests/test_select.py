@@ -1,0 +1,134 @@
+"""Coefficient selection: the rule, re-applying a run's arithmetic, and the sweep on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_unlearn.adapter import load_adapter
+from lora_unlearn.arithmetic import to_dense as dw
+from lora_unlearn.errors import UserError
+from lora_unlearn.recipes import load_recipe, run_recipe
+from lora_unlearn.select import RunArtifacts, choose, parse_target, parse_values, select_run
+from lora_unlearn.sources import load_source
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def assert_close(got, want, atol):
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def _points(*triples):
+    return [{"value": v, "forget_probability": f, "utility_drop": d} for v, f, d in triples]
+
+
+def test_rule_picks_strongest_forgetting_within_budget():
+    pts = _points((0.5, 0.6, 0.01), (1.0, 0.3, 0.04), (2.0, 0.1, 0.20))
+    chosen, ok = choose(pts, 0.05)
+    assert ok and chosen["value"] == 1.0
+    chosen, ok = choose(pts, 0.25)
+    assert ok and chosen["value"] == 2.0
+
+
+def test_rule_ties_go_to_the_smaller_coefficient_and_no_budget_is_flagged():
+    chosen, _ = choose(_points((2.0, 0.1, 0.0), (1.0, 0.1, 0.0)), 0.05)
+    assert chosen["value"] == 1.0
+    chosen, ok = choose(_points((1.0, 0.2, 0.3), (2.0, 0.1, 0.5)), 0.05)
+    assert not ok and chosen["value"] == 1.0
+
+
+def test_parsing_errors_are_clear():
+    assert parse_target("unlearned.lam") == ("unlearned", "lam")
+    assert parse_values("2, 0.5,1") == [0.5, 1.0, 2.0]
+    with pytest.raises(UserError, match="STEP.PARAM"):
+        parse_target("lam")
+    with pytest.raises(UserError, match="comma-separated"):
+        parse_values("1,x")
+    with pytest.raises(UserError, match="finite"):
+        parse_values("nan")
+
+
+@pytest.fixture(scope="module")
+def tv_run(tiny_model_dir, tmp_path_factory):
+    from lora_unlearn.models import load_base
+
+    loaded = load_base(str(tiny_model_dir), "nf4")
+    base = tmp_path_factory.mktemp("select")
+    small = [f"base.model={tiny_model_dir}", "train_defaults.max_steps=2", "train_defaults.batch_size=2"]
+    run_recipe(load_recipe(RECIPES / "knowledge.yaml", small + ["data.all.limit=4"]), base / "k", loaded=loaded)
+    knowledge = base / "k" / "adapter"
+    run_recipe(load_recipe(RECIPES / "tv.yaml", small + ["data.forget.limit=4", f"adapters.knowledge={knowledge}"]),
+               base / "tv", loaded=loaded)
+    return loaded, base / "tv", knowledge
+
+
+def test_adapter_at_recomputes_the_arithmetic(tv_run):
+    _, run_dir, knowledge = tv_run
+    run = RunArtifacts(run_dir)
+    forget = load_adapter(run_dir / "steps" / "forget_adapter")
+    k = load_adapter(knowledge)
+    for lam in (0.0, 0.5, 2.0):
+        got = dw(run.adapter_at("unlearned", "lam", lam))
+        want_k, want_f = dw(k), dw(forget)
+        for name in got:
+            want = want_k.get(name, 0) - lam * want_f.get(name, torch.zeros_like(got[name]))
+            assert_close(got[name], want, atol=1e-5)
+    # lam=1 reproduces the run's own output
+    out = dw(load_adapter(run_dir / "adapter"))
+    again = dw(run.adapter_at("unlearned", "lam", 1.0))
+    for name in out:
+        assert_close(again[name], out[name], atol=1e-6)
+    with pytest.raises(UserError, match="not an arithmetic op"):
+        run.adapter_at("forget_adapter", "lam", 1.0)
+    with pytest.raises(UserError, match="no step"):
+        run.adapter_at("nope", "lam", 1.0)
+
+
+def test_select_run_writes_the_sweep_and_the_chosen_adapter(tv_run):
+    loaded, run_dir, _ = tv_run
+    forget = load_source("tofu-mini:forget01")[:4]
+    holdout = load_source("tofu-mini:retain")[-4:]
+    result = select_run(run_dir, "unlearned.lam", [0.0, 1.0, 4.0], forget_rows=forget, holdout_rows=holdout,
+                        budget=0.05, loaded=loaded, batch_size=4)
+    assert [p["value"] for p in result["points"]] == [0.0, 1.0, 4.0]
+    zero = result["points"][0]  # lam = 0 is the knowledge model itself: no drop, same forget probability
+    assert abs(zero["utility_drop"]) < 1e-5
+    assert abs(zero["forget_probability"] - result["reference"]["forget_probability"]) < 1e-5
+    chosen, _ = choose(result["points"], 0.05)
+    assert result["selected"] == chosen["value"]
+    saved = json.loads((run_dir / "selection.json").read_text())
+    assert saved["selected"] == result["selected"]
+    want = dw(RunArtifacts(run_dir).adapter_at("unlearned", "lam", result["selected"]))
+    got = dw(load_adapter(run_dir / "selected"))
+    for name in want:
+        assert_close(got[name], want[name], atol=1e-6)
+
+
+def test_select_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="not a finished recipe run"):
+        RunArtifacts(tmp_path)
+
+
+def test_run_select_on_the_command_line(tv_run, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lora_unlearn.cli import app
+
+    _, _, knowledge = tv_run
+    out = tmp_path / "tv"
+    args = ["run", str(RECIPES / "tv.yaml"), "--out", str(out), "--set", f"base.model={tiny_model_dir}",
+            "--set", "train_defaults.max_steps=2", "--set", "train_defaults.batch_size=2",
+            "--set", "data.forget.limit=4", "--set", f"adapters.knowledge={knowledge}",
+            "--select", "unlearned.lam=0.5,1", "--holdout", "tofu-mini:retain", "--holdout-rows", "396:400"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((out / "selection.json").read_text())
+    assert [p["value"] for p in sweep["points"]] == [0.5, 1.0] and sweep["n_holdout"] == 4
+    assert load_adapter(out / "selected").modules
+    bad = CliRunner().invoke(app, args[:-4] + ["--select", "unlearned.lam"])
+    assert bad.exit_code == 2 and "STEP.PARAM=V1,V2" in bad.output
+    assert not (tmp_path / "tv2").exists()
