@@ -491,6 +491,10 @@ def serve(adapter: Annotated[list[str] | None, typer.Option(
     if host not in LOOPBACK and not api_key:
         raise UserError(f"--host {host} exposes the server beyond this machine: set --api-key "
                         "(or LORA_UNLEARN_API_KEY), or bind 127.0.0.1")
+    for flag, value in (("--max-tokens-limit", max_tokens_limit), ("--max-prompt-chars", max_prompt_chars),
+                        ("--max-batch", max_batch)):
+        if value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
     limits = Limits(max_tokens=max_tokens_limit, max_prompt_chars=max_prompt_chars, max_batch=max_batch,
                     batch_window_ms=batch_window_ms)
     limits.validate()

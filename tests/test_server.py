@@ -270,6 +270,22 @@ def test_cli_serve_subprocess(tiny_model_dir, adapter_dirs):
             proc.wait()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--host", "0.0.0.0"], "--api-key"),
+    (["--port", "0"], "--port must be in 1..65535"),
+    (["--max-tokens-limit", "0"], "--max-tokens-limit must be a positive integer, got 0"),
+    (["--adapter", "no-equals-sign"], "expected NAME=DIR[:DEFAULT]"),
+    (["--adapter", "a=x", "--adapter", "a=y"], "names must be unique"),
+])
+def test_cli_serve_refuses_bad_settings_before_loading_anything(args, message):
+    from typer.testing import CliRunner
+
+    from lora_unlearn.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--base", "/nonexistent/model", *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
 @pytest.mark.slow
 def test_embedded_model_serves_the_shipped_adapters():
     """The real thing: SmolLM2-135M in nf4, K on by default, -F toggled per request, batched together."""
