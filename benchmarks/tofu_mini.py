@@ -216,7 +216,12 @@ def collect(args) -> dict:
         if not (ev_dir / f"{name}.json").is_file():
             continue
         folder = args.dir / (name if name in ("knowledge", "retain_only") else f"methods/{name}")
-        bench = json.loads((folder / "bench.json").read_text()) if (folder / "bench.json").is_file() else {}
+        bench = {}
+        if (folder / "bench.json").is_file():
+            bench = json.loads((folder / "bench.json").read_text())
+        elif (folder / "run.json").is_file():  # K and R trained outside this script: their own figures
+            run = json.loads((folder / "run.json").read_text())
+            bench = {"seconds": round(sum(s["seconds"] for s in run["steps"]), 1), "peak_rss_mib": run["peak_rss_mib"]}
         rows[name] = {"label": LABELS[name], **load(name), **bench}
         if name in SWEEPS and (folder / "selection.json").is_file():
             sel = json.loads((folder / "selection.json").read_text())
@@ -259,7 +264,8 @@ def selection_table(rows: dict) -> str:
         lines.append(f"| {r['label']} | {sel['target']} {[p['value'] for p in sel['points']]} | "
                      f"{sel['selected']:g}{flag} | {fq_mu} | {best['value']:g} | "
                      f"{best['forget_quality']:.2e} / {best['model_utility']:.3f} |" if best else
-                     f"| {r['label']} | {sel['target']} | {sel['selected']:g}{flag} | {fq_mu} | none within 5% | |")
+                     f"| {r['label']} | {sel['target']} {[p['value'] for p in sel['points']]} | {sel['selected']:g}{flag} "
+                     f"| {fq_mu} | {'none within 5%' if r.get('curve') else 'not evaluated (--sweep-eval)'} | |")
     return "\n".join(lines)
 
 
