@@ -276,11 +276,16 @@ def plots(rows: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    labels: dict[tuple[float, float], list[str]] = {}  # methods that land on the same point share one label
     for name, r in rows.items():
         marker = {"knowledge": "s", "retain_only": "*"}.get(name, "o")
-        ax.scatter(r["model_utility"], max(r["forget_quality"], 1e-30), marker=marker, s=70 if marker == "*" else 40)
-        ax.annotate(r["label"], (r["model_utility"], max(r["forget_quality"], 1e-30)), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        point = (r["model_utility"], max(r["forget_quality"], 1e-30))
+        ax.scatter(*point, marker=marker, s=70 if marker == "*" else 40)
+        key = (round(point[0], 3), float(f"{point[1]:.2e}"))
+        labels.setdefault(key, [point, []])[1].append(r["label"])
+    for point, names in labels.values():
+        ax.annotate("\n".join(names), point, fontsize=7, xytext=(4, 3), textcoords="offset points",
+                    ha="right" if point[0] > 0.98 * ax.get_xlim()[1] else "left")
     if "knowledge" in rows:
         ax.axvline((1 - BUDGET) * rows["knowledge"]["model_utility"], ls=":", c="grey", lw=1)
     ax.set_yscale("log")
