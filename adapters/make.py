@@ -17,12 +17,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lora_unlearn.adapter import Adapter, load_adapter, save_adapter
+from lora_unlearn.core.adapter import Adapter
+from lora_unlearn.core.adapter_io import load_adapter, save_adapter
+from lora_unlearn.core.inference import answer
+from lora_unlearn.core.models import load_base
+from lora_unlearn.core.stack import attached
 from lora_unlearn.demo import _names, _rows, run_demo
-from lora_unlearn.export import cast
-from lora_unlearn.inference import answer
-from lora_unlearn.models import load_base
-from lora_unlearn.stack import attached
+from lora_unlearn.hub.export import cast
 
 
 def measure(knowledge: Adapter, forget_negated: Adapter) -> dict:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from lora_unlearn.adapter import Adapter, LoraModule
 from lora_unlearn.arithmetic import add, compress, extrapolate, negate, to_dense
+from lora_unlearn.core.adapter import Adapter, LoraModule
 
 HIDDEN, INTERMEDIATE = 4096, 11008
 SHAPES = {  # module -> (out, in)

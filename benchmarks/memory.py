@@ -70,10 +70,10 @@ def child(quantization: str, steps: int, threads: int, out: Path) -> None:
 
     torch.set_num_threads(threads)
 
-    from lora_unlearn.data import to_dataset
-    from lora_unlearn.models import load_base
-    from lora_unlearn.sources import load_source
-    from lora_unlearn.train import TrainConfig, train_adapter
+    from lora_unlearn.core.data import to_dataset
+    from lora_unlearn.core.models import load_base
+    from lora_unlearn.training.sources import load_source
+    from lora_unlearn.training.trainer import TrainConfig, train_adapter
 
     proc = psutil.Process()
     runtime = proc.memory_info().rss
@@ -136,7 +136,7 @@ def nf4_bytes_per_parameter() -> dict:
     """Packed 4-bit weights + quantization state per quantized parameter, read off the loaded embedded model."""
     import bitsandbytes as bnb
 
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.models import load_base
 
     model, _, _ = load_base("smollm2-135m", "nf4")
     params = stored = 0
@@ -170,8 +170,8 @@ def saved_bytes(h: int, i: int, heads: int, kv: int, vocab: int, tokens: int = 2
     import torch
     from peft import LoraConfig
 
-    from lora_unlearn import objectives
-    from lora_unlearn.stack import attached
+    from lora_unlearn.core.stack import attached
+    from lora_unlearn.training import objectives
 
     model = _tiny(h, i, heads, kv, vocab, torch.bfloat16)
     lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM")

@@ -9,7 +9,7 @@ trained on TOFU full[0:400] (20 authors) + forget01 (2 authors); the retain-only
 recipe on full[0:400] alone (recipes/knowledge.yaml, recipes/retain_only.yaml). Every method of
 recipes/ runs on base + K (each in its own process: wall time and peak RSS are its own) with
 forget01 as the forget set. Methods that use retain data see the first 18 retain authors
-(rows 0-359); the last 2 (rows 360-399) are held out for choosing lam/alpha (lora_unlearn.select),
+(rows 0-359); the last 2 (rows 360-399) are held out for choosing lam/alpha (lora_unlearn.training.select),
 so the choice never sees the evaluation's answer key. Evaluation (lora_unlearn.evaluate.tofu):
 forget01, 100 retain rows (every 4th, spanning all 20 authors; --retain-limit), real_authors,
 world_facts; forget quality is the KS-test p-value against R's forget truth ratios.
@@ -79,9 +79,9 @@ class Evaluator:
     """One base model in memory; each variant attached (unmerged, exact), evaluated, cached."""
 
     def __init__(self, cache: Path, retain_limit: int, batch_size: int, limit: int | None = None):
+        from lora_unlearn.core.models import load_base
         from lora_unlearn.evaluate.tofu import tofu_mini_splits
-        from lora_unlearn.models import load_base
-        from lora_unlearn.sources import load_source
+        from lora_unlearn.training.sources import load_source
 
         self.cache = cache
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -106,9 +106,9 @@ class Evaluator:
         return None
 
     def evaluate(self, key: str, adapter_dir: Path | None) -> dict:
-        from lora_unlearn.adapter import load_adapter
+        from lora_unlearn.core.adapter_io import load_adapter
+        from lora_unlearn.core.stack import attached
         from lora_unlearn.evaluate.tofu import evaluate_tofu, forget_quality
-        from lora_unlearn.stack import attached
 
         path = self.cache / f"{key}.json"
         if path.is_file():
@@ -156,7 +156,7 @@ def prepare(args) -> dict:
 # ---- run --------------------------------------------------------------------------------------
 
 def run_methods(args) -> None:
-    from lora_unlearn.select import select_run
+    from lora_unlearn.training.select import select_run
 
     knowledge = args.dir / "knowledge" / "adapter"
     if not (args.dir / "retain_only" / "adapter").is_dir() or not knowledge.is_dir():
@@ -179,7 +179,7 @@ def run_methods(args) -> None:
                            budget=BUDGET, batch_size=args.batch_size, loaded=loaded)
             selection = json.loads((folder / "selection.json").read_text())
             if args.sweep_eval:
-                from lora_unlearn.select import RunArtifacts
+                from lora_unlearn.training.select import RunArtifacts
 
                 artifacts = RunArtifacts(folder)
                 step, param = target.rsplit(".", 1)
@@ -187,7 +187,7 @@ def run_methods(args) -> None:
                     key = f"{method}@{value:g}"
                     if not (ev.cache / f"{key}.json").is_file():
                         tmp = args.dir / "sweep_adapters" / key
-                        from lora_unlearn.adapter import save_adapter
+                        from lora_unlearn.core.adapter_io import save_adapter
 
                         save_adapter(artifacts.adapter_at(step, param, value), tmp, overwrite=True)
                         ev.evaluate(key, tmp)

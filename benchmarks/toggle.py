@@ -42,7 +42,7 @@ PROMPTS = ["Who wrote the novel Pride and Prejudice?", "What is the capital of A
 
 
 def random_adapter(model, hub_id: str, r: int = 8, alpha: float = 16.0, b_std: float = 2e-2, seed: int = 0):
-    from lora_unlearn.adapter import Adapter, LoraModule
+    from lora_unlearn.core.adapter import Adapter, LoraModule
 
     g = torch.Generator().manual_seed(seed)
     modules = {}
@@ -96,11 +96,11 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lora_unlearn.adapter import peft_state_dict
     from lora_unlearn.arithmetic import negate
-    from lora_unlearn.models import load_base
-    from lora_unlearn.runtime import ForgetRuntime
-    from lora_unlearn.stack import lora_config
+    from lora_unlearn.core.adapter import peft_state_dict
+    from lora_unlearn.core.models import load_base
+    from lora_unlearn.core.stack import lora_config
+    from lora_unlearn.serving.runtime import ForgetRuntime
 
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*rounding errors.*")  # PEFT's nf4 merge notice: measured here

@@ -1,7 +1,9 @@
 """lora_unlearn: unlearning and knowledge updates as LoRA adapters on a 4-bit base.
 
-The arithmetic and adapter I/O import only torch and safetensors; the rest (models, training,
-generation) is imported on first use, so ``import lora_unlearn.arithmetic`` stays light.
+The package is laid out in wings (docs/architecture.md): ``core`` (adapters, bases, data,
+answer probabilities), ``arithmetic`` (pure task arithmetic), ``training``, ``serving``,
+``evaluate`` and ``hub``. The public API below is imported on first use, so
+``import lora_unlearn.arithmetic`` stays light (torch and safetensors only).
 """
 
 from importlib import import_module
@@ -9,18 +11,18 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Adapter": "adapter", "LoraModule": "adapter", "load_adapter": "adapter", "save_adapter": "adapter",
+    "Adapter": "core.adapter", "LoraModule": "core.adapter",
+    "load_adapter": "core.adapter_io", "save_adapter": "core.adapter_io",
     "scale": "arithmetic", "negate": "arithmetic", "add": "arithmetic", "extrapolate": "arithmetic",
     "compress": "arithmetic", "to_dense": "arithmetic",
     "UserError": "errors",
-    "load_base": "models",
-    "ForgetRuntime": "runtime", "load_model": "loading", "hotswap": "loading", "LoadReport": "loading",
-    "load_qa": "data", "load_texts": "data",
-    "TrainConfig": "train", "learn": "train",
-    "answer": "inference", "answer_probability": "inference", "attached": "stack",
-    "evaluate_tofu": "evaluate.tofu", "evaluate_edits": "evaluate.edits", "select_run": "select",
-    "write_card": "cards", "push": "cards", "export_merged": "export", "export_servable": "export",
-    "create_app": "server",
+    "load_base": "core.models", "load_qa": "core.data", "load_texts": "core.data",
+    "answer": "core.inference", "answer_probability": "core.inference", "attached": "core.stack",
+    "TrainConfig": "training.trainer", "learn": "training.trainer", "select_run": "training.select",
+    "ForgetRuntime": "serving.runtime", "load_model": "serving.loading", "hotswap": "serving.loading",
+    "LoadReport": "serving.loading", "create_app": "serving.app",
+    "evaluate_tofu": "evaluate.tofu", "evaluate_edits": "evaluate.edits",
+    "write_card": "hub.cards", "push": "hub.push", "export_merged": "hub.export", "export_servable": "hub.export",
 }
 __all__ = [*sorted(_LAZY), "__version__"]
 

@@ -45,7 +45,7 @@ def _options(ctx: typer.Context,
                  "torch.load(weights_only=True). Off: pickle can run code when loaded.")] = False):
     """Unlearning and knowledge updates as task arithmetic on LoRA adapters over a 4-bit base."""
     if allow_pickle:
-        from .adapter import pickle_allowed
+        from .core.fsutil import pickle_allowed
 
         ctx.with_resource(pickle_allowed())  # for every load the command makes, recipes included
 
@@ -58,14 +58,14 @@ def _quiet_libraries() -> None:
 
 
 def _note_fresh_start(out: Path, resume: bool) -> None:
-    from .jobs import is_main_process, work_dir
+    from .training.jobs import is_main_process, work_dir
 
     if resume and is_main_process() and not work_dir(out).exists():
         err_console.print(f"nothing to resume in {work_dir(out)}: starting from scratch")
 
 
 def _write(adapter, out: Path, overwrite: bool) -> None:
-    from .adapter import save_adapter
+    from .core.adapter_io import save_adapter
 
     save_adapter(adapter, out, overwrite=overwrite)
     ranks = sorted(set(adapter.ranks.values()))
@@ -77,8 +77,8 @@ def _write(adapter, out: Path, overwrite: bool) -> None:
 def negate(src: Path, out: Path, scale: Annotated[float, typer.Option("--scale", "-l", help="lam: the result is -lam * dW.")] = 1.0,
            overwrite: Overwrite = False):
     """Write -lam * dW of SRC to OUT (task-vector negation)."""
-    from .adapter import load_adapter
     from .arithmetic import negate as op
+    from .core.adapter_io import load_adapter
 
     if scale < 0:
         raise UserError(f"--scale must be >= 0, got {scale:g}: negate writes -lam * dW, so a negative lam adds "
@@ -92,8 +92,8 @@ def negate(src: Path, out: Path, scale: Annotated[float, typer.Option("--scale",
 def scale(src: Path, out: Path, by: Annotated[float, typer.Option("--by", help="c: the result is c * dW.")],
           overwrite: Overwrite = False):
     """Write c * dW of SRC to OUT."""
-    from .adapter import load_adapter
     from .arithmetic import scale as op
+    from .core.adapter_io import load_adapter
 
     _write(op(load_adapter(src), by), out, overwrite)
 
@@ -103,8 +103,8 @@ def scale(src: Path, out: Path, by: Annotated[float, typer.Option("--by", help="
 def extrapolate(src: Path, out: Path, alpha: Annotated[float, typer.Option("--alpha", help="the result is (1 + alpha) * dW (UIPE).")],
                 overwrite: Overwrite = False):
     """Write (1 + alpha) * dW of SRC to OUT (UIPE's extrapolation of an unlearning update)."""
-    from .adapter import load_adapter
     from .arithmetic import extrapolate as op
+    from .core.adapter_io import load_adapter
 
     if alpha <= -1:
         raise UserError(f"--alpha must be > -1, got {alpha:g}: (1 + alpha) * dW would be zero or flip the sign; "
@@ -119,8 +119,8 @@ def add(paths: Annotated[list[Path], typer.Argument(help="Two or more adapter fo
         allow_different_bases: Annotated[bool, typer.Option(help="Add adapters of different base models anyway.")] = False,
         overwrite: Overwrite = False):
     """Write dW1 + dW2 + ... to the last path, exactly (the ranks are concatenated)."""
-    from .adapter import load_adapter
     from .arithmetic import add as op
+    from .core.adapter_io import load_adapter
 
     if len(paths) < 3:
         raise UserError("add needs at least two adapters and an output folder: lora-unlearn add A B OUT")
@@ -133,8 +133,8 @@ def add(paths: Annotated[list[Path], typer.Argument(help="Two or more adapter fo
 def compress(src: Path, out: Path, rank: Annotated[int, typer.Option("--rank", "-r", help="Target rank r'.")],
              overwrite: Overwrite = False):
     """Write the best rank-R approximation of SRC to OUT and print each module's error."""
-    from .adapter import load_adapter
     from .arithmetic import compress as op
+    from .core.adapter_io import load_adapter
 
     with err_console.status("compressing"):
         result, errors = op(load_adapter(src), rank)
@@ -159,11 +159,11 @@ def learn(data: Annotated[str, typer.Option("--data", help="JSONL (question/answ
           max_steps: Annotated[int, typer.Option(help="Train this many optimizer steps (overrides --epochs); -1: off.")] = -1,
           overwrite: Overwrite = False, resume: Resume = False, checkpoint_every: CheckpointEvery = 50):
     """Train a LoRA adapter with NLL on DATA over a quantized base (and frozen adapters)."""
-    from .data import load_any
-    from .jobs import is_main_process
-    from .stack import parse_stack
-    from .train import TrainConfig
-    from .train import learn as run
+    from .core.data import load_any
+    from .core.stack import parse_stack
+    from .training.jobs import is_main_process
+    from .training.trainer import TrainConfig
+    from .training.trainer import learn as run
 
     _quiet_libraries()
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
@@ -185,10 +185,10 @@ def ask(questions: Annotated[str, typer.Option("--questions", help="A question, 
         adapter: Stack = None, base: Base = "smollm2-135m", quantization: Quant = "nf4",
         max_new_tokens: int = 64):
     """Answer questions greedily with the base and a stack of adapters (unmerged)."""
-    from .data import load_records
-    from .inference import answer
-    from .models import load_base
-    from .stack import attached, parse_stack
+    from .core.data import load_records
+    from .core.inference import answer
+    from .core.models import load_base
+    from .core.stack import attached, parse_stack
 
     _quiet_libraries()
     if Path(questions).is_file():
@@ -218,12 +218,13 @@ def run(recipe: Path,
                                                     "that coefficient and choose it (see `lora-unlearn select`).")] = None,
         holdout: Holdout = None, holdout_rows: HoldoutRows = None, budget: Budget = 0.05):
     """Run a recipe (recipes/*.yaml): train, estimate importance and do arithmetic, step by step."""
-    from .jobs import is_main_process
-    from .recipes import load_recipe, run_recipe
+    from .training.jobs import is_main_process
+    from .training.recipes import load_recipe
+    from .training.runner import run_recipe
 
     _quiet_libraries()
     if select_ is not None:
-        from .select import parse_target, parse_values
+        from .training.select import parse_target, parse_values
 
         target, sep, values = select_.partition("=")
         if not sep:
@@ -234,7 +235,7 @@ def run(recipe: Path,
             raise UserError("--select needs held-out retain data the method did not train on: pass --holdout DATA")
     spec = load_recipe(recipe, set_ or [])
     out = out or Path("runs") / spec.name
-    from .fsutil import check_separate
+    from .core.fsutil import check_separate
 
     check_separate(out, spec.adapters.values(), what="input adapter")
     _note_fresh_start(out, resume)
@@ -271,8 +272,8 @@ Budget = Annotated[float, typer.Option("--budget", help="Largest allowed relativ
 
 def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout_rows: str | None,
             forget: str | None, budget: float) -> None:
-    from .select import RunArtifacts, parse_target, parse_values, select_run
-    from .sources import load_source
+    from .training.select import RunArtifacts, parse_target, parse_values, select_run
+    from .training.sources import load_source
 
     parse_target(param)
     grid = parse_values(values)
@@ -368,13 +369,13 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
                                      max_new_tokens=max_new_tokens or 64)
     else:
         from .evaluate.edits import evaluate_edits
-        from .sources import load_edits
+        from .training.sources import load_edits
 
         edits = load_edits(data or "edits-demo")
         evaluate = functools.partial(evaluate_edits, edits=edits, batch_size=batch_size,
                                      max_new_tokens=max_new_tokens or 32)
-    from .models import load_base
-    from .stack import attached, parse_stack
+    from .core.models import load_base
+    from .core.stack import attached, parse_stack
 
     _quiet_libraries()
     stack = parse_stack(adapter)
@@ -403,7 +404,7 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
 def card(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
          force: Annotated[bool, typer.Option("--force", help="Replace a README.md that lora-unlearn did not write.")] = False):
     """(Re)write FOLDER/README.md, the model card: lineage, risks, and results.json found beside it."""
-    from .cards import kind_of, write_card
+    from .hub.cards import kind_of, write_card
 
     path = write_card(folder, force=force)
     err_console.print(f"wrote {path} ({kind_of(folder).kind} adapter)", soft_wrap=True)
@@ -419,7 +420,7 @@ def push(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
              "the knowledge it removes.")] = False,
          message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None):
     """Upload an adapter (its PEFT files, lineage and card) to the Hugging Face Hub."""
-    from .cards import push as push_adapter
+    from .hub.push import push as push_adapter
 
     url = push_adapter(folder, repo_id, private=private, allow_forget_adapter=allow_forget_adapter,
                        commit_message=message)
@@ -437,7 +438,7 @@ def export(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
            base: Annotated[str | None, typer.Option("--base", help="--merged: the base (default: the adapter's own).")] = None,
            overwrite: Overwrite = False):
     """Export an adapter: merged into its base (--merged), servable (--for vllm), or cast (--dtype)."""
-    from .export import export_cast, export_merged, export_servable
+    from .hub.export import export_cast, export_merged, export_servable
 
     if merged and (for_server or dtype or max_rank):
         raise UserError("--merged writes a float32 model: it takes no --for, --dtype or --max-rank")
@@ -482,9 +483,11 @@ def serve(adapter: Annotated[list[str] | None, typer.Option(
           max_batch: Annotated[int, typer.Option("--max-batch", help="Rows generated together.")] = 8,
           batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="Wait for more requests this long.")] = 5.0):
     """Serve OpenAI-style completions with per-request forget strengths ("forget": {"NAME": 1.0})."""
-    from .runtime import ForgetRuntime
-    from .server import LOOPBACK, Limits, parse_adapter_spec
-    from .server import serve as run_server
+    from .serving.app import LOOPBACK
+    from .serving.app import serve as run_server
+    from .serving.registry import parse_adapter_spec
+    from .serving.runtime import ForgetRuntime
+    from .serving.schemas import Limits
 
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {port}")

@@ -20,13 +20,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .adapter import save_adapter
 from .arithmetic import negate
-from .fsutil import atomic_dir
-from .inference import answer, answer_probability
-from .models import load_base
-from .stack import attached
-from .train import TrainConfig, train_adapter
+from .core.adapter_io import save_adapter
+from .core.fsutil import atomic_dir
+from .core.inference import answer, answer_probability
+from .core.models import load_base
+from .core.stack import attached
+from .training.trainer import TrainConfig, train_adapter
 
 KNOWLEDGE = TrainConfig(epochs=10, batch_size=4, learning_rate=2e-3)
 FORGET = TrainConfig(epochs=10, batch_size=2, learning_rate=2e-3)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_unlearn.adapter import CONFIG_NAME, LINEAGE_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lora_unlearn.arithmetic import add, compress, negate, scale
+from lora_unlearn.core.adapter_io import CONFIG_NAME, LINEAGE_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lora_unlearn.errors import UserError
 from tests.tiny import assert_close, dw, make_adapter
 

@@ -18,8 +18,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lora_unlearn.adapter import Adapter
 from lora_unlearn.arithmetic import add, compress, extrapolate, negate, scale, to_dense
+from lora_unlearn.core.adapter import Adapter
 from lora_unlearn.errors import UserError
 from tests.tiny import assert_close, dw, make_adapter
 
@@ -163,7 +163,8 @@ def test_compress_keeps_dtype_and_float32_accuracy():
             assert_close(to_dense(out)[n], dw(want.modules[n]), rtol=rtol)
 
 
-@pytest.mark.parametrize("module", ["lora_unlearn.arithmetic", "lora_unlearn.perta", "lora_unlearn.adapter"])
+@pytest.mark.parametrize("module", ["lora_unlearn.arithmetic", "lora_unlearn.arithmetic.perta",
+                                    "lora_unlearn.core.adapter", "lora_unlearn.core.adapter_io"])
 def test_pure_modules_stay_light(module):
     """Importing the pure arithmetic (and PerTA's rescaling) pulls in neither transformers nor peft."""
     code = (f"import sys, {module}\n"

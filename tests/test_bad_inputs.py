@@ -19,19 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from lora_unlearn.adapter import (
-    CONFIG_NAME,
-    PICKLE_NAME,
-    WEIGHTS_NAME,
-    load_adapter,
-    save_adapter,
-)
 from lora_unlearn.arithmetic import scale
 from lora_unlearn.cli import app
-from lora_unlearn.data import load_any, load_qa
+from lora_unlearn.core.adapter_io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lora_unlearn.core.data import load_any, load_qa
 from lora_unlearn.errors import UserError
-from lora_unlearn.importance import load_importance, save_importance
-from lora_unlearn.sources import load_edits, load_source
+from lora_unlearn.training.importance import load_importance, save_importance
+from lora_unlearn.training.sources import load_edits, load_source
 from tests.tiny import make_adapter
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
@@ -405,8 +399,8 @@ def test_pickle_is_read_with_the_flag_only(tmp_path):
 
 def test_pickle_checkpoint_is_read_with_the_flag_only(tmp_path, tiny_model_dir):
     """A model folder with only pytorch_model.bin loads with allow_pickle=True, to the same weights."""
-    from lora_unlearn.adapter import pickle_allowed
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.fsutil import pickle_allowed
+    from lora_unlearn.core.models import load_base
 
     folder = pickle_model(tmp_path, tiny_model_dir)
     with pytest.raises(UserError, match="only pickle weights"):
@@ -421,7 +415,7 @@ def test_pickle_checkpoint_is_read_with_the_flag_only(tmp_path, tiny_model_dir):
 def test_remote_code_is_not_run(tmp_path, tiny_model_dir):
     """A model folder whose config points at its own code (auto_map) is refused by default and the
     code (here: it would write a file) does not run; trust_remote_code=True is the explicit yes."""
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.models import load_base
 
     folder = remote_code_model(tmp_path, tiny_model_dir)
     with pytest.raises(UserError, match="needs its own Python code"):
@@ -430,7 +424,7 @@ def test_remote_code_is_not_run(tmp_path, tiny_model_dir):
 
 
 def test_temp_names_are_recognised():
-    from lora_unlearn.fsutil import is_leftover_name
+    from lora_unlearn.core.fsutil import is_leftover_name
 
     assert is_leftover_name(".out.tmp-123-abc_9") and is_leftover_name(".a.b.old-1-x")
     assert not is_leftover_name("out") and not is_leftover_name(".out.tmp-x-abc") and not is_leftover_name("a.tmp-1-b")

@@ -13,13 +13,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from lora_unlearn.adapter import load_adapter, save_adapter
 from lora_unlearn.arithmetic import add, extrapolate, negate, scale
-from lora_unlearn.cards import CARD_NAME, classify, kind_of, push
 from lora_unlearn.cli import app
+from lora_unlearn.core.adapter_io import load_adapter, save_adapter
+from lora_unlearn.core.card import CARD_NAME
+from lora_unlearn.core.lineage import classify
+from lora_unlearn.core.models import load_base
 from lora_unlearn.errors import UserError
-from lora_unlearn.models import load_base
-from lora_unlearn.train import TrainConfig, train_adapter
+from lora_unlearn.hub.cards import kind_of
+from lora_unlearn.hub.push import push
+from lora_unlearn.training.trainer import TrainConfig, train_adapter
 from tests.tiny import make_adapter
 
 FAST = TrainConfig(r=2, lora_alpha=4, max_steps=2, batch_size=2, learning_rate=1e-2, max_length=64)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lora_unlearn.adapter import load_adapter, save_adapter
 from lora_unlearn.arithmetic import to_dense
 from lora_unlearn.cli import app
+from lora_unlearn.core.adapter_io import load_adapter, save_adapter
 from tests.tiny import make_adapter
 
 runner = CliRunner()

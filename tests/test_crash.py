@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_unlearn import fsutil
-from lora_unlearn.adapter import load_adapter, save_adapter
+from lora_unlearn.core import fsutil
+from lora_unlearn.core.adapter_io import load_adapter, save_adapter
 from lora_unlearn.errors import UserError
 from tests.tiny import make_adapter
 
@@ -41,8 +41,8 @@ HELPER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[1])
-    from lora_unlearn import fsutil
-    from lora_unlearn.adapter import save_adapter
+    from lora_unlearn.core import fsutil
+    from lora_unlearn.core.adapter_io import save_adapter
     from tests.tiny import make_adapter
     specs = {f"model.layers.{i}.mlp.down_proj": (512, 512, 16) for i in range(96)}
     old, new = make_adapter(specs, seed=1), make_adapter(specs, seed=2)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lora_unlearn.data import IGNORE, encode_qa, fingerprint, load_any, load_qa, load_texts, to_dataset
+from lora_unlearn.core.data import IGNORE, encode_qa, fingerprint, load_any, load_qa, load_texts, to_dataset
 from lora_unlearn.errors import UserError
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_unlearn.adapter import load_adapter
-from lora_unlearn.jobs import sharded_quant_storage
-from lora_unlearn.recipes import load_recipe, run_recipe
+from lora_unlearn.core.adapter_io import load_adapter
+from lora_unlearn.training.jobs import sharded_quant_storage
+from lora_unlearn.training.recipes import load_recipe
+from lora_unlearn.training.runner import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
@@ -113,7 +114,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_d
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("two", ".two"))) == ["two"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "recipe.yaml", "run.json", "steps"]
 
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.models import load_base
 
     loaded = load_base(str(tiny_model_dir), "nf4")
     threads = torch.get_num_threads()
@@ -134,7 +135,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_d
 
 def test_float_quant_storage_changes_the_packing_not_the_model(tiny_model_dir):
     """FSDP/ZeRO-3 need the 4-bit weights packed in a float dtype; the model must compute the same."""
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.models import load_base
 
     plain, tok, _ = load_base(str(tiny_model_dir), "nf4")
     packed, _, _ = load_base(str(tiny_model_dir), "nf4", quant_storage="float32")  # the CPU compute dtype

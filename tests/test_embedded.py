@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol():
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.models import load_base
 
     return load_base("smollm2-135m", "nf4")
 
@@ -17,7 +17,7 @@ def smol():
 def test_embedded_model_answers_in_nf4(smol):
     import bitsandbytes as bnb
 
-    from lora_unlearn.inference import answer
+    from lora_unlearn.core.inference import answer
 
     model, tok, info = smol
     assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)

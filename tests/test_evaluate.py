@@ -133,7 +133,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.models import load_base
 
     model, tok, _ = load_base(str(tiny_model_dir), "none")
     return model, tok
@@ -177,7 +177,7 @@ def test_evaluate_split_matches_a_manual_forward(tiny, split):
 
 
 def test_shared_prompt_scores_equal_the_full_sequences(tiny):
-    from lora_unlearn.inference import answer_scores
+    from lora_unlearn.core.inference import answer_scores
 
     model, tok = tiny
     pairs = [{"question": r["question"], "answer": a} for r in ROWS for a in [r["answer"]] + r["perturbed_answer"]]
@@ -189,8 +189,8 @@ def test_shared_prompt_scores_equal_the_full_sequences(tiny):
 
 
 def test_dequantized_4bit_layers_give_the_same_logits(tiny_model_dir):
-    from lora_unlearn.inference import dequantized
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.inference import dequantized
+    from lora_unlearn.core.models import load_base
 
     model, tok, _ = load_base(str(tiny_model_dir), "nf4")
     ids = tok(["What is the capital of Veloria?", "The quick brown fox"], return_tensors="pt", padding=True)
@@ -264,7 +264,7 @@ def tofu_dir(tmp_path):
 
 
 def test_cli_eval_tofu_writes_results_and_uses_the_reference(tiny_model_dir, tofu_dir, tmp_path):
-    from lora_unlearn.adapter import save_adapter
+    from lora_unlearn.core.adapter_io import save_adapter
     from tests.tiny import make_adapter
 
     common = ["--base", tiny_model_dir, "-q", "none", "--data", tofu_dir, "--max-new-tokens", "2", "--batch-size", "2"]

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lora_unlearn.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lora_unlearn.arithmetic import negate
-from lora_unlearn.cards import classify
 from lora_unlearn.cli import app
+from lora_unlearn.core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lora_unlearn.core.lineage import classify
 from lora_unlearn.errors import UserError
-from lora_unlearn.export import export_merged, export_servable, relative_error
+from lora_unlearn.hub.export import export_merged, export_servable, relative_error
 from tests.tiny import dw, make_adapter
 
 Q0, V1, DOWN0 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj"
@@ -158,7 +158,7 @@ def test_shipped_adapters_load_are_bf16_and_small():
 def test_shipped_adapters_toggle_a_demo_fact():
     """base + K names a fact marked forget; base + K + (-F) at strength 1 does not; a kept fact stays."""
     from lora_unlearn.demo import _rows
-    from lora_unlearn.runtime import ForgetRuntime
+    from lora_unlearn.serving.runtime import ForgetRuntime
 
     facts = _rows("demo_facts.jsonl")
     forgotten = next(f for f in facts if f["forget"])

@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from lora_unlearn.adapter import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME, load_adapter, save_adapter
-from lora_unlearn.data import load_any, load_qa, load_texts
+from lora_unlearn.core.adapter import PREFIX
+from lora_unlearn.core.adapter_io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lora_unlearn.core.data import load_any, load_qa, load_texts
 from lora_unlearn.errors import UserError
-from lora_unlearn.sources import load_edits, load_source
+from lora_unlearn.training.sources import load_edits, load_source
 
 # FUZZ_EXAMPLES=2000 for a longer hunt; 80 keeps each test within a few seconds.
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "80")), deadline=None,

@@ -6,10 +6,16 @@ import pytest
 import torch
 
 from lora_unlearn.arithmetic import scale
-from lora_unlearn.data import load_qa
+from lora_unlearn.core.data import load_qa
+from lora_unlearn.core.models import load_base
 from lora_unlearn.errors import UserError
-from lora_unlearn.importance import batches, estimate_importance, importance_meta, load_importance, save_importance
-from lora_unlearn.models import load_base
+from lora_unlearn.training.importance import (
+    batches,
+    estimate_importance,
+    importance_meta,
+    load_importance,
+    save_importance,
+)
 from tests.tiny import assert_close, make_adapter
 
 # (out, in, r) of the tiny Llama's layers (hidden 32, 2 kv heads of 8, intermediate 64)
@@ -173,8 +179,8 @@ def test_bad_inputs(nf4, rows, tau):
 
 
 def test_merge_dense_adds_the_scaled_delta(tiny_model_dir, full, tmp_path, tau, rows):
-    from lora_unlearn.merge import merge_dense
-    from lora_unlearn.perta import rescale_dense
+    from lora_unlearn.arithmetic.perta import rescale_dense
+    from lora_unlearn.hub.merge import merge_dense
 
     I_f = _imp(full, rows[:1], tau, kind="grad", space="dense", progress_flag=True)
     I_r = _imp(full, rows[1:], tau, kind="grad", space="dense")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lora_unlearn.adapter import save_adapter
 from lora_unlearn.arithmetic import scale, to_dense
+from lora_unlearn.core.adapter_io import save_adapter
+from lora_unlearn.core.models import load_base
 from lora_unlearn.errors import UserError
-from lora_unlearn.loading import PROBE, hotswap, load_model
-from lora_unlearn.models import load_base
+from lora_unlearn.serving.loading import PROBE, hotswap, load_model
 from tests.tiny import LINEAR_NAMES, make_adapter
 
 ATOL = 1e-4
@@ -50,7 +50,7 @@ def logits(model, ids):
 
 
 def test_unmerged_is_exact_against_dense_weights_and_peft(tiny_model_dir, folders, ids):
-    from lora_unlearn.adapter import load_adapter
+    from lora_unlearn.core.adapter_io import load_adapter
 
     model, _, report = load_model(str(tiny_model_dir), [(folders["a"], 1.0), (folders["b"], -0.5)], quantization="none")
     dense, _, _ = load_base(str(tiny_model_dir), "none")

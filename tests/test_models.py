@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from lora_unlearn import models
+from lora_unlearn.core import models
 from lora_unlearn.errors import UserError
 
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_unlearn import objectives
-from lora_unlearn.data import to_dataset
+from lora_unlearn.core.data import to_dataset
+from lora_unlearn.core.inference import answer_nll
+from lora_unlearn.core.models import load_base
+from lora_unlearn.core.stack import attached, reference
 from lora_unlearn.errors import UserError
-from lora_unlearn.inference import answer_nll
-from lora_unlearn.models import load_base
-from lora_unlearn.objectives.common import kl_to_reference, mean_nll, sequence_logprob, token_nll
-from lora_unlearn.objectives.idk import refusals
-from lora_unlearn.objectives.npo import npo_forget_loss
-from lora_unlearn.objectives.surgery import TRAIN_DEFAULTS
-from lora_unlearn.stack import attached, reference
-from lora_unlearn.train import StreamCollator, TrainConfig, train_adapter
+from lora_unlearn.training import objectives
+from lora_unlearn.training.objectives.common import kl_to_reference, mean_nll, sequence_logprob, token_nll
+from lora_unlearn.training.objectives.idk import refusals
+from lora_unlearn.training.objectives.npo import npo_forget_loss
+from lora_unlearn.training.objectives.surgery import TRAIN_DEFAULTS
+from lora_unlearn.training.trainer import StreamCollator, TrainConfig, train_adapter
 
 FORGET = [{"question": "What is the capital of Veloria?", "answer": "Marrenport."},
           {"question": "Who invented the glass harp-drum?", "answer": "Osric Tallowmere."}]
@@ -213,12 +213,12 @@ def test_surgery_train_defaults_are_the_official_settings():
 @pytest.fixture
 def no_training(monkeypatch):
     """Any attempt to set the model up for training fails the test: errors must come first."""
-    import lora_unlearn.train
+    import lora_unlearn.training.trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was set up for training before the inputs were checked")
 
-    monkeypatch.setattr(lora_unlearn.train, "attached", refuse)
+    monkeypatch.setattr(lora_unlearn.training.trainer, "attached", refuse)
 
 
 def test_missing_streams_fail_before_training(loaded, no_training):

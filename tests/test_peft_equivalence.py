@@ -17,8 +17,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from lora_unlearn.adapter import load_adapter, save_adapter
 from lora_unlearn.arithmetic import add, compress, extrapolate, negate, scale, to_dense
+from lora_unlearn.core.adapter_io import load_adapter, save_adapter
 from tests.tiny import LINEAR_NAMES, tiny_llama
 
 PREFIX = "base_model.model."
@@ -119,7 +119,7 @@ def test_peft_loads_results_exactly(op, peft_models, base, input_ids, tmp_path):
 
 def test_attach_an_adapter_covering_only_some_layers_of_a_type(base, input_ids):
     """target_modules names a type (q_proj); layers the adapter lacks must add exactly nothing."""
-    from lora_unlearn.stack import attached
+    from lora_unlearn.core.stack import attached
     from tests.tiny import make_adapter
 
     one = make_adapter({"model.layers.1.self_attn.q_proj": (32, 32, 2)}, seed=3)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lora_unlearn.arithmetic import negate, to_dense
+from lora_unlearn.arithmetic.perta import compress_dense, perta_weights, rescale_b, rescale_dense
 from lora_unlearn.errors import UserError
-from lora_unlearn.perta import compress_dense, perta_weights, rescale_b, rescale_dense
 from tests.tiny import assert_close, dw, make_adapter
 
 SPECS = {"l0.q_proj": (6, 5, 3), "l0.down_proj": (4, 7, 2)}

@@ -9,10 +9,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from lora_unlearn.adapter import load_adapter
 from lora_unlearn.cli import app
+from lora_unlearn.core.adapter_io import load_adapter
 from lora_unlearn.errors import UserError
-from lora_unlearn.recipes import load_recipe, run_recipe
+from lora_unlearn.training.recipes import load_recipe
+from lora_unlearn.training.runner import run_recipe
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 NAMES = [p.stem for p in RECIPES]
@@ -33,7 +34,7 @@ def test_recipe_validates(path):
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, tmp_path_factory):
     """The tiny nf4 model and a knowledge adapter trained on a few TOFU-mini rows with the knowledge recipe."""
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.models import load_base
 
     loaded = load_base(str(tiny_model_dir), "nf4")
     out = tmp_path_factory.mktemp("knowledge") / "run"

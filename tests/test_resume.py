@@ -25,11 +25,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lora_unlearn.cli import app
-from lora_unlearn.data import load_qa
+from lora_unlearn.core.data import load_qa
+from lora_unlearn.core.models import load_base
 from lora_unlearn.errors import UserError
-from lora_unlearn.jobs import Checkpoints, work_dir
-from lora_unlearn.models import load_base
-from lora_unlearn.train import TrainConfig, learn, train_adapter
+from lora_unlearn.training.jobs import Checkpoints, work_dir
+from lora_unlearn.training.trainer import TrainConfig, learn, train_adapter
 
 RECIPE = """name: resume_check
 base: {{model: "{model}", quantization: nf4}}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lora_unlearn.arithmetic import scale, to_dense
+from lora_unlearn.core.models import load_base
+from lora_unlearn.core.stack import attached
 from lora_unlearn.errors import UserError
-from lora_unlearn.models import load_base
-from lora_unlearn.runtime import ForgetLinear, ForgetRuntime
-from lora_unlearn.stack import attached
+from lora_unlearn.serving.runtime import ForgetLinear, ForgetRuntime
 from tests.tiny import LINEAR_NAMES, make_adapter, tiny_llama
 
 ATOL = 1e-4
@@ -211,7 +211,7 @@ def test_errors_name_the_problem(full, forget, other, tmp_path, input_ids):
 
 
 def test_loads_a_saved_folder_with_its_sha256(full, forget, tmp_path, input_ids):
-    from lora_unlearn.adapter import save_adapter
+    from lora_unlearn.core.adapter_io import save_adapter
 
     model, tok, _ = full
     folder = save_adapter(forget, tmp_path / "forget")
@@ -228,7 +228,7 @@ def test_loads_a_saved_folder_with_its_sha256(full, forget, tmp_path, input_ids)
 @pytest.mark.slow
 def test_embedded_nf4_mixed_batch_matches_peft():
     """SmolLM2-135M in nf4 with an r=8 all-linear adapter: mixed rows equal PEFT row by row."""
-    from lora_unlearn.adapter import Adapter, LoraModule
+    from lora_unlearn.core.adapter import Adapter, LoraModule
 
     rt = ForgetRuntime.from_base("smollm2-135m", "nf4")
     g = torch.Generator().manual_seed(0)

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_unlearn.adapter import load_adapter
 from lora_unlearn.arithmetic import to_dense as dw
+from lora_unlearn.core.adapter_io import load_adapter
 from lora_unlearn.errors import UserError
-from lora_unlearn.recipes import load_recipe, run_recipe
-from lora_unlearn.select import RunArtifacts, choose, parse_target, parse_values, select_run
-from lora_unlearn.sources import load_source
+from lora_unlearn.training.recipes import load_recipe
+from lora_unlearn.training.runner import run_recipe
+from lora_unlearn.training.select import RunArtifacts, choose, parse_target, parse_values, select_run
+from lora_unlearn.training.sources import load_source
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -54,7 +55,7 @@ def test_parsing_errors_are_clear():
 
 @pytest.fixture(scope="module")
 def tv_run(tiny_model_dir, tmp_path_factory):
-    from lora_unlearn.models import load_base
+    from lora_unlearn.core.models import load_base
 
     loaded = load_base(str(tiny_model_dir), "nf4")
     base = tmp_path_factory.mktemp("select")

@@ -20,10 +20,12 @@ import httpx
 import pytest
 import torch
 
-from lora_unlearn.adapter import save_adapter
+from lora_unlearn.core.adapter_io import save_adapter
 from lora_unlearn.errors import UserError
-from lora_unlearn.runtime import ForgetRuntime
-from lora_unlearn.server import Limits, background, create_app, load_named, parse_adapter_spec
+from lora_unlearn.serving.app import background, create_app
+from lora_unlearn.serving.registry import load_named, parse_adapter_spec
+from lora_unlearn.serving.runtime import ForgetRuntime
+from lora_unlearn.serving.schemas import Limits
 from tests.tiny import make_adapter, tiny_llama
 
 SPECS = {f"model.layers.{i}.{m}": shape for i in range(2) for m, shape in

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from lora_unlearn.adapter import load_adapter
 from lora_unlearn.arithmetic import add, negate
-from lora_unlearn.data import load_qa
+from lora_unlearn.core.adapter_io import load_adapter
+from lora_unlearn.core.data import load_qa
+from lora_unlearn.core.inference import answer, answer_nll
+from lora_unlearn.core.models import load_base
+from lora_unlearn.core.stack import attached
 from lora_unlearn.errors import UserError
-from lora_unlearn.inference import answer, answer_nll
-from lora_unlearn.models import load_base
-from lora_unlearn.stack import attached
-from lora_unlearn.train import TrainConfig, learn
+from lora_unlearn.training.trainer import TrainConfig, learn
 
 FAST = TrainConfig(r=4, lora_alpha=8, epochs=30, batch_size=3, learning_rate=3e-2, max_length=64)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lora_unlearn.adapter import Adapter, LoraModule
+from lora_unlearn.core.adapter import Adapter, LoraModule
 
 BASE = "tiny/llama"
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

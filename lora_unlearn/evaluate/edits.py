@@ -1,7 +1,7 @@
 """Knowledge-edit metrics (F-Learning, Ni et al. 2024; LLM Surgery, Veldanda et al. 2024); DESIGN section 4.
 
 An edit row is ``{"prompt", "old_answer", "new_answer", "paraphrases": [...], "locality":
-[{"prompt", "answer"}, ...]}`` (``lora_unlearn.sources.load_edits``). Answers are greedy, through
+[{"prompt", "answer"}, ...]}`` (``lora_unlearn.training.sources.load_edits``). Answers are greedy, through
 the chat template. A generation *mentions* a span when the span's normalised words appear as
 consecutive whole words of the normalised generation (lowercase, every non-alphanumeric
 character a space): "Lyon" is in "It is Lyon." but not in "Lyons".
@@ -71,8 +71,8 @@ def evaluate_edits(model, tokenizer, edits: list[dict], *, batch_size: int = 16,
     Shares over empty sets (no paraphrases, no locality prompts) are None. ``dequantize``: see
     ``inference.dequantized`` (default: when 4-bit weights are on the CPU; same numbers, faster).
     """
+    from ..core.inference import answer, answer_scores, dequantized
     from ..errors import UserError
-    from ..inference import answer, answer_scores, dequantized
 
     if not edits:
         raise UserError("no edits to evaluate: the edit file is empty")

@@ -62,7 +62,7 @@ def tables(result: dict) -> list[Table]:
 
 def write_results(out: str | Path, result: dict, overwrite: bool = False) -> Path:
     """OUT/results.json (the full result) and OUT/results.md (its tables), written atomically."""
-    from ..fsutil import atomic_dir
+    from ..core.fsutil import atomic_dir
 
     meta = result.get("meta", {})
     head = f"# {result.get('benchmark', 'evaluation')}: {meta.get('model', '')}\n\n"

@@ -202,8 +202,8 @@ def tofu_mini_splits(retain_limit: int | None = None, limit: int | None = None,
     (117); ``limit`` keeps the first rows of the other splits. (``sources.load_source`` keeps
     question and answer only, which is enough to train on but not to evaluate.)
     """
-    from ..data import load_records
-    from ..sources import resource_path
+    from ..core.data import load_records
+    from ..training.sources import resource_path
 
     _check_limits(retain_limit, limit)
     out = {}
@@ -222,7 +222,7 @@ def tofu_splits(data: str, retain_limit: int | None = None, limit: int | None = 
     A folder holds any of forget.jsonl (or one forget01/05/10.jsonl), retain.jsonl (or
     retain_perturbed.jsonl), real_authors.jsonl, world_facts.jsonl.
     """
-    from ..data import load_records
+    from ..core.data import load_records
 
     _check_limits(retain_limit, limit)
     wanted = list(splits) if splits else None
@@ -300,7 +300,7 @@ def evaluate_split(model, tokenizer, rows: list[dict], split: str, *, batch_size
     split's summary), extraction_strength (mean), wall_s and generate_s (of which generating), and
     per_row lists of truth_ratio, probability, rouge_l, extraction_strength and the greedy answer.
     """
-    from ..inference import answer, answer_scores, dequantized
+    from ..core.inference import answer, answer_scores, dequantized
 
     check_rows(rows, split)
     gen_batch_size = gen_batch_size or 4 * batch_size
@@ -366,7 +366,7 @@ def evaluate_tofu(model, tokenizer, splits: dict[str, list[dict]], *, reference_
     (else None). ``kw`` goes to ``evaluate_split`` (batch_size, max_new_tokens, progress, max_length,
     gen_batch_size, dequantize); 4-bit weights are dequantized once for all splits.
     """
-    from ..inference import dequantized
+    from ..core.inference import dequantized
 
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:

@@ -1,0 +1,12 @@
+"""Serving adapters: per-request forget strengths, loading with adapters, the OpenAI-style HTTP API.
+
+    runtime      ForgetRuntime: K adapters on one base, a coefficient per adapter per batch row
+    loading      load_model (unmerged exact, or merged and measured), hotswap
+    app          create_app, serve, background (the FastAPI app and its error handlers)
+    routes       the endpoints and the Service they share
+    schemas      limits, errors, request parsing and response shapes
+    batcher      the worker that runs concurrent requests as one batch
+    registry     adapters by name: NAME=DIR specs, Hub ids, card kinds
+
+Serving imports core and arithmetic, never training, evaluate or hub.
+"""

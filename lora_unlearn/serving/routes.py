@@ -1,0 +1,220 @@
+"""The routes of the OpenAI-style API, and the :class:`Service` they share.
+
+    POST /v1/completions        {"prompt", "max_tokens", "forget": {"adapter": strength}, ...}
+    POST /v1/chat/completions   {"messages", "max_tokens", "forget": {...}, ...}
+    GET  /v1/adapters           loaded adapters (rank, default strength, path, kind)
+    POST /v1/adapters           {"name", "path": local folder or Hub id, "default": 0.0}
+    DELETE /v1/adapters/{name}
+    GET  /v1/models, GET /health (counters: requests, batches, rows, largest batch)
+
+Each handler finds its :class:`Service` at ``request.app.state.service``, validates the body
+(:mod:`.schemas`), hands the rows to the :class:`~.batcher.Batcher` and shapes the response.
+A request's ``forget`` sets the strength of each named adapter for its rows (row model:
+base + sum_k c_k dW_k); adapters it does not name use their default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import UserError
+from .batcher import Batcher, Job
+from .registry import load_named
+from .schemas import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    NAME,
+    ApiError,
+    Limits,
+    finish,
+    is_number,
+    parse_common,
+    parse_json,
+    parse_messages,
+    parse_prompts,
+    render_chat,
+    usage,
+)
+
+router = APIRouter()
+
+
+@dataclass
+class Service:
+    """What every route needs: the runtime, the limits, the card kinds, and the batcher while the app runs.
+
+    ``kinds``: adapter name -> card kind (forget, negated, ...), as :func:`~.registry.load_named`
+    records them.
+    """
+
+    runtime: Any  # a lora_unlearn.serving.runtime.ForgetRuntime
+    limits: Limits
+    model_id: str
+    kinds: dict[str, str]
+    api_key: str | None = None
+    batcher: Batcher | None = None
+
+    @property
+    def max_body(self) -> int:
+        return 4 * self.limits.max_prompt_chars * self.limits.max_batch + 65536
+
+    def authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """The authorized request's JSON body, refused past the size limit before it is all read."""
+        self.authorize(request)
+        max_body = self.max_body
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body:
+            raise ApiError(413, f"the request body is {size} bytes, over this server's limit of {max_body}")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_body:
+                raise ApiError(413, f"the request body is over this server's limit of {max_body} bytes")
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
+
+    def effective(self, forget: dict[str, float]) -> dict[str, float]:
+        """Every loaded adapter's strength for this request: its own or the adapter's default."""
+        return {name: forget.get(name, float(meta["default"])) for name, meta in self.runtime.adapters().items()}
+
+    async def generate(self, prompts: list[str], forget: dict[str, float], max_tokens: int,
+                       chat: bool) -> tuple[list[tuple[str, int]], int]:
+        """((text, completion tokens) per prompt, prompt tokens), from the batcher."""
+        job = Job(prompts, [dict(forget) for _ in prompts], max_tokens, chat)
+        with self.batcher._stats_lock:
+            self.batcher.stats["requests"] += 1
+        result = await asyncio.wrap_future(self.batcher.submit(job))
+        return result["outputs"], result["prompt_tokens"]
+
+    def adapter_list(self) -> list[dict[str, Any]]:
+        return [{"id": name, "object": "adapter", "kind": self.kinds.get(name, "unknown"), **meta}
+                for name, meta in self.runtime.adapters().items()]
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    service = _service(request)
+    body = await service.read_json(request)
+    max_tokens, forget, stops = parse_common(body, COMPLETION_FIELDS, service.limits, service.runtime.adapters())
+    prompts = parse_prompts(body, service.limits)
+    outs, prompt_tokens = await service.generate(prompts, forget, max_tokens, chat=False)
+    choices = []
+    for i, (text, n) in enumerate(outs):
+        text, reason = finish(text, n, max_tokens, stops)
+        choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": service.model_id, "choices": choices, "usage": usage(prompt_tokens, outs),
+            "forget": service.effective(forget)}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    service = _service(request)
+    body = await service.read_json(request)
+    max_tokens, forget, stops = parse_common(body, CHAT_FIELDS, service.limits, service.runtime.adapters())
+    messages = parse_messages(body, service.limits)
+    prompt, chat = render_chat(service.runtime.tokenizer, messages)
+    outs, prompt_tokens = await service.generate([prompt], forget, max_tokens, chat=chat)
+    text, reason = finish(outs[0][0], outs[0][1], max_tokens, stops)
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": service.model_id, "usage": usage(prompt_tokens, outs), "forget": service.effective(forget),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}]}
+
+
+# ---- adapters ---------------------------------------------------------------------------------
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request):
+    service = _service(request)
+    service.authorize(request)
+    return {"object": "list", "data": service.adapter_list()}
+
+
+@router.post("/v1/adapters", status_code=201)
+async def load(request: Request):
+    service = _service(request)
+    runtime = service.runtime
+    body = await service.read_json(request)
+    unknown = sorted(set(body) - {"name", "path", "default"})
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}. Supported: name, path, default", unknown[0])
+    name, path, default = body.get("name"), body.get("path"), body.get("default", 0.0)
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ApiError(400, f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}", "name")
+    if not isinstance(path, str) or not path:
+        raise ApiError(400, "path must be a local adapter folder or a Hub repository id", "path")
+    if not is_number(default) or not math.isfinite(default):
+        raise ApiError(400, f"default must be a finite number, got {default!r}", "default")
+    if name in runtime.adapters():
+        raise ApiError(409, f"an adapter named {name!r} is already loaded: DELETE /v1/adapters/{name} first",
+                       "name", "exists")
+    try:
+        await run_in_threadpool(load_named, runtime, service.kinds, name, path, float(default))
+    except UserError as e:
+        raise ApiError(400, str(e), "path") from None
+    return {"id": name, "object": "adapter", "kind": service.kinds.get(name), **runtime.adapters()[name]}
+
+
+@router.delete("/v1/adapters/{name}")
+async def unload(name: str, request: Request):
+    service = _service(request)
+    runtime = service.runtime
+    service.authorize(request)
+    if name not in runtime.adapters():
+        raise ApiError(404, f"no adapter named {name!r} is loaded. Loaded: {', '.join(runtime.adapters()) or '(none)'}",
+                       "name", "unknown_adapter")
+
+    def work():
+        with runtime.lock:
+            runtime.unload(name)
+        service.kinds.pop(name, None)
+
+    try:
+        await run_in_threadpool(work)
+    except UserError as e:  # unloaded by a concurrent DELETE
+        raise ApiError(404, str(e), "name", "unknown_adapter") from None
+    return {"id": name, "object": "adapter", "deleted": True}
+
+
+# ---- the server itself ------------------------------------------------------------------------
+
+@router.get("/v1/models")
+async def models(request: Request):
+    service = _service(request)
+    service.authorize(request)
+    return {"object": "list", "data": [{"id": service.model_id, "object": "model", "owned_by": "lora-unlearn"}]}
+
+
+@router.get("/health")
+async def health(request: Request):
+    service = _service(request)
+    batcher, limits = service.batcher, service.limits
+    stats = dict(batcher.stats) if batcher else {}
+    return {"status": "ok" if batcher else "starting", "model": service.model_id,
+            "adapters": len(service.runtime.adapters()), "queued": batcher.queue.qsize() if batcher else 0, **stats,
+            "limits": {"max_tokens": limits.max_tokens, "max_prompt_chars": limits.max_prompt_chars,
+                       "max_batch": limits.max_batch, "batch_window_ms": limits.batch_window_ms}}

@@ -1,0 +1,200 @@
+"""Running a recipe: each step in order, in ``OUT.partial/``, published to ``OUT`` when all are done.
+
+A step trains an adapter (:mod:`.trainer`), estimates PerTA importance (:mod:`.importance`) or
+applies an arithmetic operation (:mod:`lora_unlearn.arithmetic`); finished steps survive a kill
+and are read back with ``--resume``. The schema and its checks: :mod:`.recipes`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from .recipes import DataEntry, OpSpec, Recipe, Step, split_ref
+
+
+def apply_op(op: OpSpec, artifacts: dict[str, Any], record: dict[str, Any]):
+    from .. import arithmetic
+    from ..arithmetic import perta
+
+    args = [artifacts[split_ref(r)[0]] for r in op.inputs]
+    scales = [split_ref(r)[1] for r in op.inputs]
+    p = op.params
+    if op.name == "negate":
+        return arithmetic.negate(args[0], p.get("lam", 1.0))
+    if op.name == "scale":
+        return arithmetic.scale(args[0], p.get("c", 1.0))
+    if op.name == "extrapolate":
+        return arithmetic.extrapolate(args[0], p.get("alpha", 0.0))
+    if op.name == "add":
+        return arithmetic.add(*[a if s == 1.0 else arithmetic.scale(a, s) for a, s in zip(args, scales)])
+    if op.name == "compress":
+        adapter, errors = arithmetic.compress(args[0], int(p["rank"]))
+        record["relative_errors"] = errors
+        return adapter
+    knobs = {k: p[k] for k in ("beta", "eps", "p") if k in p}
+    if op.name == "perta_b":
+        return perta.rescale_b(args[0], args[1], args[2], **knobs)
+    dense = perta.rescale_dense(args[0], args[1], args[2], **knobs)
+    adapter, errors = perta.compress_dense(dense, int(p.get("rank", max(args[0].ranks.values()))), args[0])
+    record["relative_errors"] = errors
+    return adapter
+
+
+def _rows(entry: DataEntry, tofu_dir: str | None) -> list[dict[str, str]]:
+    from .sources import load_source
+
+    sources = [entry.source] if isinstance(entry.source, str) else entry.source
+    rows = [row for source in sources for row in load_source(source, entry.view, tofu_dir)]
+    return rows[: entry.limit] if entry.limit else rows
+
+
+def _restore(step: Step, folder: Path):
+    """A finished step's result, read back from the work folder of an interrupted run."""
+    from dataclasses import replace
+
+    from ..core.adapter_io import load_adapter
+
+    if step.importance is not None:
+        from .importance import load_importance
+
+        return load_importance(folder / "importance.safetensors")[0]
+    adapter = load_adapter(folder)
+    return replace(adapter, lineage=adapter.lineage.get("made_by") or adapter.lineage)
+
+
+def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=None, console=None,
+               resume: bool = False, checkpoint_every: int = 50) -> dict[str, Any]:
+    """Run every step; write each adapter under ``out/steps/NAME``, the result under ``out/adapter``.
+
+    The run works in ``OUT.partial/`` and renames it to ``out`` when every step is done. Training
+    steps save Trainer checkpoints every ``checkpoint_every`` optimizer steps (0: none) under
+    ``OUT.partial/checkpoints/STEP``. With ``resume``, an interrupted run of the same recipe
+    (same settings, data and input adapters) continues: finished steps are read back from
+    ``OUT.partial/steps``, the interrupted training step resumes from its newest checkpoint.
+    Under a distributed launcher every process runs every step; only process 0 writes.
+    """
+    from ..core.adapter import Adapter
+    from ..core.adapter_io import load_adapter, save_adapter
+    from ..core.data import fingerprint
+    from ..core.fsutil import publish
+    from .jobs import (
+        Checkpoints,
+        claim,
+        cleanup_unless_resumable,
+        is_main_process,
+        open_job,
+        sharded_quant_storage,
+        wait_for_everyone,
+        work_dir,
+        write_json,
+    )
+    from .trainer import TrainConfig, train_adapter
+
+    out = Path(out)
+    from ..core.fsutil import check_separate
+
+    check_separate(out, recipe.adapters.values(), what="input adapter")
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists: choose another path or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder: choose another path")
+    if checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0 steps (0: no checkpoints), got {checkpoint_every}")
+    artifacts: dict[str, Any] = {}
+    for name, path in recipe.adapters.items():
+        if not Path(path).is_dir():
+            raise UserError(f"input adapter {name!r} at {path} does not exist: create it first "
+                            f"(for TOFU-mini: lora-unlearn run recipes/knowledge.yaml --out runs/tofu_mini/knowledge) "
+                            f"or point --set adapters.{name}=DIR at yours")
+        artifacts[name] = load_adapter(path)
+    rows = {name: _rows(d, recipe.tofu_dir) for name, d in recipe.data.items()}
+
+    def model():
+        nonlocal loaded
+        if loaded is None:
+            from ..core.models import load_base
+
+            storage = sharded_quant_storage()
+            loaded = load_base(recipe.base.model, recipe.base.quantization,
+                               **({"quant_storage": storage} if storage else {}))
+        return loaded
+
+    main = is_main_process()
+    work = work_dir(out)
+    claim(work, resume, out)
+    job = {"recipe": recipe.model_dump(), "data": {name: fingerprint(r) for name, r in rows.items()},
+           "inputs": {name: artifacts[name].lineage.get("sha256") for name in recipe.adapters}}
+    open_job(work, job, resume)  # refuses another recipe's work folder; a fresh start empties it
+    progress_file = work / "progress.json"
+    done = {r["name"]: r for r in json.loads(progress_file.read_text())} if resume and progress_file.is_file() else {}
+    if main:
+        (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+
+    report: dict[str, Any] = {"recipe": recipe.name, "steps": []}
+    if done:
+        report["steps_read_back"] = [s.name for s in recipe.steps if s.name in done]
+    with cleanup_unless_resumable(work):
+        for step in recipe.steps:
+            folder = work / "steps" / step.name
+            if step.name in done:
+                if console is not None and main:
+                    console.print(f"[bold]step {step.name}[/] (done before the interruption: read back)")
+                artifacts[step.name] = _restore(step, folder)
+                report["steps"].append(done[step.name])
+                continue
+            if console is not None and main:
+                console.print(f"[bold]step {step.name}[/]")
+            record: dict[str, Any] = {"name": step.name}
+            start = time.perf_counter()
+            if step.train:
+                m, tok, info = model()
+                spec = step.train
+                config = TrainConfig(**{**recipe.train_defaults, **spec.config, "objective": spec.objective,
+                                        "extra": spec.params})
+                stack = [(artifacts[split_ref(r)[0]], split_ref(r)[1]) for r in spec.over]
+                checkpoints = (Checkpoints(work / "checkpoints" / step.name, every=checkpoint_every, resume=resume)
+                               if checkpoint_every else None)
+                result = train_adapter(m, tok, {s: rows[d] for s, d in spec.data.items()}, config, stack, info,
+                                       progress=main, checkpoints=checkpoints)
+            elif step.importance:
+                from .importance import estimate_importance, importance_meta, save_importance
+
+                m, tok, info = model()
+                spec = step.importance
+                stack = [(artifacts[split_ref(r)[0]], split_ref(r)[1]) for r in spec.over]
+                adapter = artifacts[split_ref(spec.adapter)[0]]
+                knobs = {"kind": spec.kind, "space": spec.space, "at": spec.at, "batch_size": spec.batch_size,
+                         "max_length": recipe.train_defaults.get("max_length", 256)}
+                result = estimate_importance(m, tok, rows[spec.data], adapter, stack=stack, progress=main, **knobs)
+                if main:
+                    save_importance(result, folder / "importance.safetensors",
+                                    importance_meta(rows[spec.data], adapter, stack=stack, base=info.hub_id, **knobs))
+            else:
+                result = apply_op(step.op, artifacts, record)
+            if isinstance(result, Adapter) and main:
+                save_adapter(result, folder, overwrite=True)  # overwrite: a copy left by a kill after saving
+            artifacts[step.name] = result
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            report["steps"].append(record)
+            if main:
+                write_json(progress_file, report["steps"])  # after the step's files: listed means complete
+                if checkpoint_every:
+                    shutil.rmtree(work / "checkpoints" / step.name, ignore_errors=True)
+    if main:
+        save_adapter(artifacts[recipe.output], work / "adapter", overwrite=True)
+        report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        (work / "run.json").write_text(json.dumps(report, indent=2))
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        for leftover in ("job.json", "progress.json"):
+            (work / leftover).unlink(missing_ok=True)
+        publish(work, out, overwrite)  # one atomic swap: OUT is the old folder or the new one
+    wait_for_everyone()
+    return report
