@@ -20,7 +20,7 @@ def write_card(folder: str | Path, adapter=None, name: str | None = None, force:
     name. A README.md that this library did not write is replaced only with ``force``.
     """
     check_ours(folder, force)  # before loading: a foreign README.md is the first thing to fix
-    return save_card(folder, adapter if adapter is not None else load_adapter(folder), name, force)
+    return save_card(folder, adapter if adapter is not None else load_adapter(folder), name, force=True)  # checked
 
 
 def kind_of(folder: str | Path, adapter=None) -> Kind:

@@ -49,7 +49,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, allow_forge
     except HFValidationError as e:
         raise UserError(f"{repo_id!r} is not a Hub repository id ({str(e).splitlines()[0]}): use OWNER/NAME") from None
     if is_our_card(folder):
-        save_card(folder, adapter)
+        save_card(folder, adapter, force=True)  # ours: checked just above
     api = HfApi(endpoint=endpoint, token=token)
     if api.token is None:
         from huggingface_hub import get_token

@@ -52,7 +52,6 @@ def create_app(runtime, *, api_key: str | None = None, limits: Limits | None = N
             await run_in_threadpool(batcher.close)
 
     app = FastAPI(title="lora-unlearn", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.limits = limits
     app.state.service = service
     _add_error_handlers(app)
     app.include_router(router)

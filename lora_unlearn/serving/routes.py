@@ -115,11 +115,16 @@ def _service(request: Request) -> Service:
 
 # ---- generation -------------------------------------------------------------------------------
 
-@router.post("/v1/completions")
-async def completions(request: Request):
+async def _generation_request(request: Request, fields: set[str]) -> tuple[Service, dict[str, Any], tuple]:
+    """(service, body, (max_tokens, forget, stops)) of an authorized completion request, its common fields checked."""
     service = _service(request)
     body = await service.read_json(request)
-    max_tokens, forget, stops = parse_common(body, COMPLETION_FIELDS, service.limits, service.runtime.adapters())
+    return service, body, parse_common(body, fields, service.limits, service.runtime.adapters())
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    service, body, (max_tokens, forget, stops) = await _generation_request(request, COMPLETION_FIELDS)
     prompts = parse_prompts(body, service.limits)
     outs, prompt_tokens = await service.generate(prompts, forget, max_tokens, chat=False)
     choices = []
@@ -133,9 +138,7 @@ async def completions(request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    service = _service(request)
-    body = await service.read_json(request)
-    max_tokens, forget, stops = parse_common(body, CHAT_FIELDS, service.limits, service.runtime.adapters())
+    service, body, (max_tokens, forget, stops) = await _generation_request(request, CHAT_FIELDS)
     messages = parse_messages(body, service.limits)
     prompt, chat = render_chat(service.runtime.tokenizer, messages)
     outs, prompt_tokens = await service.generate([prompt], forget, max_tokens, chat=chat)
