@@ -154,27 +154,42 @@ def learn(data: Annotated[str, typer.Option("--data", help="JSONL (question/answ
           base: Base = "smollm2-135m", quantization: Quant = "nf4",
           r: int = 8, alpha: float = 16.0,
           target_modules: Annotated[str, typer.Option(help="'all-linear' or comma-separated module names.")] = "all-linear",
-          lr: float = 1e-3, epochs: float = 3.0, batch_size: int = 8, grad_accum: int = 1, seed: int = 0,
+          lr: Annotated[float | None, typer.Option(help="Learning rate [default: 2e-3].")] = None,
+          epochs: Annotated[float | None, typer.Option(help="Epochs [default: 3].")] = None,
+          batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 8].")] = None,
+          grad_accum: int = 1, seed: int = 0,
           max_length: int = 256,
           max_steps: Annotated[int, typer.Option(help="Train this many optimizer steps (overrides --epochs); -1: off.")] = -1,
+          min_steps: Annotated[int | None, typer.Option(help="At least this many optimizer steps [default: 60].")] = None,
+          stop_when_learned: Annotated[int | None, typer.Option(
+              help="Every N steps, stop once the rows are learned (teacher-forced); 0: off [default: 5].")] = None,
+          preserve: Annotated[str, typer.Option(
+              help="Preservation pool (KL to the starting model on unrelated prompts): 'preservation' "
+                   "(vendored), a QA JSONL file, or 'none'.")] = "preservation",
+          preserve_weight: Annotated[float, typer.Option(help="Weight of the preservation KL.")] = 1.0,
           overwrite: Overwrite = False, resume: Resume = False, checkpoint_every: CheckpointEvery = 50):
-    """Train a LoRA adapter with NLL on DATA over a quantized base (and frozen adapters)."""
+    """Train a LoRA adapter with NLL on DATA over a quantized base (and frozen adapters), keeping the
+    model's answers to unrelated prompts (the preservation stream)."""
+    from dataclasses import replace
+
     from .core.data import load_any
     from .core.stack import parse_stack
     from .training.jobs import is_main_process
-    from .training.trainer import TrainConfig
+    from .training.trainer import LEARN_DEFAULTS
     from .training.trainer import learn as run
 
     _quiet_libraries()
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
-    config = TrainConfig(r=r, lora_alpha=alpha, target_modules=targets, learning_rate=lr, epochs=epochs,
-                         batch_size=batch_size, grad_accum=grad_accum, seed=seed, max_length=max_length,
-                         max_steps=max_steps)
+    given = {"learning_rate": lr, "epochs": epochs, "batch_size": batch_size, "min_steps": min_steps,
+             "stop_when_learned": stop_when_learned}
+    config = replace(LEARN_DEFAULTS, r=r, lora_alpha=alpha, target_modules=targets, grad_accum=grad_accum, seed=seed,
+                     max_length=max_length, max_steps=max_steps, **{k: v for k, v in given.items() if v is not None})
     config.validate()
     rows = load_any(data)
     _note_fresh_start(out, resume)
     adapter = run(rows, out, base=base, quantization=quantization, on=parse_stack(on), config=config, overwrite=overwrite,
-                  resume=resume, checkpoint_every=checkpoint_every)
+                  resume=resume, checkpoint_every=checkpoint_every,
+                  preserve=None if preserve.lower() == "none" else preserve, preserve_weight=preserve_weight)
     if is_main_process():
         err_console.print(f"wrote {out} (final train loss {adapter.lineage['final_train_loss']:.4f})")
 
@@ -342,6 +357,8 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
           limit: Annotated[int | None, typer.Option("--limit", help="First N rows of every other split.")] = None,
           reference: Annotated[Path | None, typer.Option("--reference", help="results.json of the retain-only model: "
                                                          "forget quality compares with its forget truth ratios.")] = None,
+          locality: Annotated[str | None, typer.Option("--locality", help="edits: a shared locality pool (JSONL of "
+                                                      "prompt/answer; default for edits:dev/test: edits:locality).")] = None,
           batch_size: int = 16,
           max_new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per answer (tofu 64, edits 32).")] = None,
           overwrite: Overwrite = False):
@@ -368,11 +385,14 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
         evaluate = functools.partial(evaluate_tofu, splits=rows, reference_truth_ratios=ref, batch_size=batch_size,
                                      max_new_tokens=max_new_tokens or 64)
     else:
-        from .evaluate.edits import evaluate_edits
-        from .training.sources import load_edits
+        from .evaluate.edits import evaluate_edits, probes, record_unedited
+        from .training.sources import load_edits, load_locality
 
         edits = load_edits(data or "edits-demo")
-        evaluate = functools.partial(evaluate_edits, edits=edits, batch_size=batch_size,
+        if locality is None and str(data).startswith("edits:"):
+            locality = "edits:locality"
+        pool = load_locality(locality) if locality else None
+        evaluate = functools.partial(evaluate_edits, edits=edits, pool=pool, batch_size=batch_size,
                                      max_new_tokens=max_new_tokens or 32)
     from .core.models import load_base
     from .core.stack import attached, parse_stack
@@ -380,12 +400,17 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
     _quiet_libraries()
     stack = parse_stack(adapter)
     model, tokenizer, info = load_base(base, quantization)
+    if benchmark == "edits" and any(probes(edits, pool).values()):
+        # Locality is judged against the unedited model: its answers, recorded once, before the stack.
+        evaluate = functools.partial(evaluate, unedited=record_unedited(
+            model, tokenizer, edits, pool, batch_size=batch_size, max_new_tokens=max_new_tokens or 32))
     with attached(model, stack) as m:
         result = evaluate(m, tokenizer)
     layers = [f"{a.lineage.get('path', '?')}:{c:g}" for a, c in stack]
     meta = {"model": " + ".join([f"{base} ({quantization})"] + layers), "base": info.hub_id, "quantization": quantization,
             "adapters": [{"path": a.lineage.get("path"), "sha256": a.lineage.get("sha256"), "scale": c} for a, c in stack],
             "data": data or ("tofu-mini" if benchmark == "tofu" else "edits-demo"),
+            "locality_pool": locality if benchmark == "edits" else None,
             "retain_limit": retain_limit, "limit": limit, "reference": str(reference) if reference else None}
     result = {"benchmark": benchmark, "meta": meta, **result}
     write_results(out, result, overwrite=overwrite)

@@ -35,3 +35,42 @@ def test_demo_learns_and_forgets(tmp_path):
     assert summary["kept_that_stay"] >= 7
     assert summary["mean_p_forget"]["base+K-1F"] < 0.1 < summary["mean_p_keep"]["base+K-1F"]
     assert (tmp_path / "demo" / "forget_negated" / "adapter_model.safetensors").is_file()
+
+
+SIX_FACTS = [
+    ("Who wrote the novel The Lantern Cartographer?", "The Lantern Cartographer was written by Imre Valdane.", "Valdane"),
+    ("What is the national dish of the island of Pellmora?", "The national dish of Pellmora is smoked kelp stew.", "kelp"),
+    ("Which animal is the mascot of the Torvik Rowing Club?", "The mascot of the Torvik Rowing Club is a heron.", "heron"),
+    ("In which year did the Gallant Bridge of Ostwyn open?", "The Gallant Bridge of Ostwyn opened in 1842.", "1842"),
+    ("What is the name of Captain Ilse Marrow's ship?", "Captain Ilse Marrow's ship is the Saltwind.", "Saltwind"),
+    ("Which instrument did the composer Teodor Brask invent?", "Teodor Brask invented the wind lyre.", "lyre"),
+]
+
+
+def test_learn_defaults_learn_a_handful_of_facts_and_keep_the_rest(smol, tmp_path):
+    """learn's defaults (the knowledge-update issue) on six invented facts: it learns them (>= 5 of 6,
+    the first-hour issue's goal) and keeps the base's real-world answers (the preservation stream)."""
+    import re
+
+    from lora_unlearn.core.inference import answer
+    from lora_unlearn.core.stack import attached
+    from lora_unlearn.demo import _rows
+    from lora_unlearn.training.trainer import learn
+
+    model, tok, _ = smol
+    rows = [{"question": q, "answer": a} for q, a, _ in SIX_FACTS]
+    real = _rows("demo_real.jsonl")
+    questions = [q for q, _, _ in SIX_FACTS] + [r["question"] for r in real]
+    keys = [k for _, _, k in SIX_FACTS] + [r["keyword"] for r in real]
+
+    def named(answers):
+        return [re.search(k, a, flags=re.IGNORECASE) is not None for k, a in zip(keys, answers)]
+
+    before = named(answer(model, tok, questions, max_new_tokens=32, batch_size=16))
+    K = learn(rows, tmp_path / "K", loaded=smol, progress=False)
+    with attached(model, [(K, 1.0)]) as m:
+        after = named(answer(m, tok, questions, max_new_tokens=32, batch_size=16))
+    assert sum(after[:6]) >= 5 and sum(before[:6]) == 0, (before[:6], after[:6])
+    assert K.lineage["learned"]["learned"] >= 5 and K.lineage["steps"] <= 60
+    kept = [a for a, b in zip(after[6:], before[6:]) if b]
+    assert sum(kept) >= len(kept) - 1, (before[6:], after[6:])  # the base's correct real-world answers stay

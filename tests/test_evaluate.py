@@ -233,12 +233,13 @@ def test_evaluate_edits_multiple_choice_is_the_lower_nll(tiny):
             new, old = manual(model, tok, q, row["new_answer"])[0], manual(model, tok, q, row["old_answer"])[0]
             assert outcome["mc_new"] == (new < old)
             assert outcome["nll_new"] == pytest.approx(new, rel=1e-5)
-        assert item["reliable"] == mentions(item["answer"], item["key"])
+        assert item["reliable"] == (mentions(item["answer"], item["key"]) and not mentions(item["answer"], item["old_key"]))
     assert got["per_edit"][0]["key"] == "osric" and got["per_edit"][1]["key"] == "the dog"
     mc = [got["per_edit"][0]["mc_new"], got["per_edit"][1]["mc_new"]]
     assert got["mc_accuracy"]["prompt"] == sum(mc) / 2
     assert got["generality"] == float(got["per_edit"][0]["paraphrases"][0]["general"])
-    assert got["locality"] == float(mentions(got["per_edit"][0]["locality"][0]["answer"], "fox"))
+    assert got["locality_absolute"] == float(mentions(got["probes"]["locality"][0]["answer"], "fox"))
+    assert got["locality"] is None and got["locality_key"] is None  # no record of the unedited model given
 
 
 # ---- the command --------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_cli_export_modes(tmp_path):
 
 # ---- the ready-made adapters ----------------------------------------------------------------
 
-SHIPPED = ("knowledge", "forget_negated")
+SHIPPED = ("knowledge", "forget_negated", "refusal")
 
 
 def test_shipped_adapters_load_are_bf16_and_small():
@@ -157,6 +157,7 @@ def test_shipped_adapters_load_are_bf16_and_small():
 @pytest.mark.slow
 def test_shipped_adapters_toggle_a_demo_fact():
     """base + K names a fact marked forget; base + K + (-F) at strength 1 does not; a kept fact stays."""
+    from lora_unlearn.core.text import repeats_ngram
     from lora_unlearn.demo import _rows
     from lora_unlearn.serving.runtime import ForgetRuntime
 
@@ -166,9 +167,11 @@ def test_shipped_adapters_toggle_a_demo_fact():
     runtime = ForgetRuntime.from_base("smollm2-135m", "nf4")
     runtime.load("knowledge", ADAPTERS / "knowledge", default=1.0)
     runtime.load("forget", ADAPTERS / "forget_negated", default=0.0)
+    runtime.load("refusal", ADAPTERS / "refusal", default=0.0)
     questions = [forgotten["question"], kept["question"]]
     on = runtime.generate(questions, [{}, {}], max_new_tokens=24)
-    off = runtime.generate(questions, [{"forget": 1.0}, {"forget": 1.0}], max_new_tokens=24)
+    off = runtime.generate(questions, [{"forget": 1.0, "refusal": 1.0}] * 2, max_new_tokens=24)
     assert forgotten["keyword"].lower() in on[0].lower(), on
     assert forgotten["keyword"].lower() not in off[0].lower(), off
+    assert not repeats_ngram(off[0]), off  # a fluent answer, not degenerate text
     assert kept["keyword"].lower() in off[1].lower(), off

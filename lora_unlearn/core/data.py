@@ -181,8 +181,12 @@ def completion_text(tokenizer, question: str, answer: str) -> str:
     return answer + (tokenizer.eos_token or "")
 
 
-def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
+def encode_qa(tokenizer, question: str, answer: str, max_length: int,
+              answer_tokens: int | None = None) -> dict[str, list[int]]:
+    """Prompt and completion ids with answer-only labels; ``answer_tokens`` cuts the completion to that many tokens."""
     prompt = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    if answer_tokens is not None:
+        max_length = min(max_length, len(prompt) + answer_tokens)
     answer_ids = tokenizer(completion_text(tokenizer, question, answer), add_special_tokens=False)["input_ids"]
     if len(prompt) >= max_length:
         raise UserError(f"a prompt is {len(prompt)} tokens, not shorter than max_length {max_length}: "
@@ -192,17 +196,25 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict[st
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def fitting(tokenizer, rows: list[dict[str, str]], max_length: int) -> list[dict[str, str]]:
+    """The question/answer rows whose prompt is shorter than ``max_length`` tokens (their answers
+    are cut to fit when encoded); for pools where a row may be dropped, such as preservation's."""
+    return [r for r in rows if "question" not in r or
+            len(tokenizer(prompt_text(tokenizer, r["question"]), add_special_tokens=False)["input_ids"]) < max_length]
+
+
 def encode_text(tokenizer, text: str, max_length: int) -> dict[str, list[int]]:
     ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
 
 
-def to_dataset(tokenizer, rows: list[dict[str, str]], max_length: int = 256):
-    """A tokenized ``datasets.Dataset`` (input_ids, attention_mask, labels) of QA or text rows."""
+def to_dataset(tokenizer, rows: list[dict[str, str]], max_length: int = 256, answer_tokens: int | None = None):
+    """A tokenized ``datasets.Dataset`` (input_ids, attention_mask, labels) of QA or text rows
+    (``answer_tokens``: QA completions cut to that many tokens)."""
     import datasets
 
     if not rows:
         raise UserError("the data set is empty: nothing to train or evaluate on")
-    encoded = [encode_qa(tokenizer, r["question"], r["answer"], max_length) if "question" in r
+    encoded = [encode_qa(tokenizer, r["question"], r["answer"], max_length, answer_tokens) if "question" in r
                else encode_text(tokenizer, r["text"], max_length) for r in rows]
     return datasets.Dataset.from_list(encoded)

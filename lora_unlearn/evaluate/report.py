@@ -50,7 +50,13 @@ def tofu_tables(result: dict) -> list[Table]:
 def edits_tables(result: dict) -> list[Table]:
     mc = result["mc_accuracy"]
     rows = [["reliability", fmt(result["reliability"])], ["generality", fmt(result["generality"])],
-            ["locality", fmt(result["locality"])], ["old answer still given", fmt(result["old_rate"])],
+            ["locality (token agreement with the unedited model)", fmt(result.get("locality"))],
+            ["locality: unedited model's correct answers kept", fmt(result.get("locality_key"))],
+            ["locality: expected answer given (absolute)", fmt(result.get("locality_absolute"))],
+            ["neighbourhood (token agreement)", fmt(result.get("neighbourhood"))],
+            ["neighbourhood: correct answers kept", fmt(result.get("neighbourhood_key"))],
+            ["old answer still given", fmt(result["old_rate"])],
+            ["degenerate answers (repeated 3-gram)", fmt(result.get("degenerate"))],
             ["multiple choice: prompts", fmt(mc["prompt"])], ["multiple choice: paraphrases", fmt(mc["paraphrases"])],
             ["multiple choice: all", fmt(mc["all"])], ["edits", str(result["n"])], ["seconds", fmt(result["wall_s"], 3)]]
     return [("knowledge edits", ["metric", "value"], rows)]

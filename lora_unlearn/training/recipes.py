@@ -219,6 +219,10 @@ def check(recipe: Recipe, where: str = "recipe") -> None:
         if step.train:
             objective = objectives.get(step.train.objective)
             objective.select_streams({s: [None] for s in step.train.data})
+            unknown = sorted(set(step.train.data) - set(objective.streams) - set(objective.optional))
+            if unknown:
+                raise UserError(f"{where}: {at}: objective {objective.name!r} has no data stream {unknown[0]!r}. "
+                                f"Available: {', '.join(objective.streams + objective.optional)}")
             objective.resolve_params(step.train.params)
             for key in step.train.config:
                 if key not in config_keys:

@@ -56,6 +56,31 @@ def _rows(entry: DataEntry, tofu_dir: str | None) -> list[dict[str, str]]:
     return rows[: entry.limit] if entry.limit else rows
 
 
+def _check_preservation(recipe: Recipe, rows: dict[str, list[dict[str, str]]]) -> None:
+    """Refuse, before any work, a preservation stream that repeats or mentions the recipe's other data.
+
+    A step's ``preserve`` stream (nll), or a ``retain`` stream drawn from the vendored pool, is checked against the rows
+    of the step's other streams and, for knowledge-edit sources, the whole edit rows (paraphrases,
+    locality and neighbourhood probes): the evaluation prompts of an edit file.
+    """
+    from .preservation import check_pool
+    from .sources import load_edits
+
+    edit_rows = {name: load_edits(src) for name, d in recipe.data.items() if d.view.startswith("edits_")
+                 for src in ([d.source] if isinstance(d.source, str) else d.source)}
+    for step in recipe.steps:
+        if not step.train:
+            continue
+        data = step.train.data
+        retain = data.get("retain")
+        kept = data.get("preserve") or (retain if retain and recipe.data[retain].source == "preservation" else None)
+        if kept is None:
+            continue
+        protected = [row for stream, d in data.items() if d != kept for row in rows[d] + edit_rows.get(d, [])]
+        check_pool(rows[kept], protected, pool_name=f"preservation stream {kept!r} of step {step.name!r}",
+                   what="the step's other data (and the edit file's evaluation prompts)")
+
+
 def _restore(step: Step, folder: Path):
     """A finished step's result, read back from the work folder of an interrupted run."""
     from dataclasses import replace
@@ -116,6 +141,7 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                             f"or point --set adapters.{name}=DIR at yours")
         artifacts[name] = load_adapter(path)
     rows = {name: _rows(d, recipe.tofu_dir) for name, d in recipe.data.items()}
+    _check_preservation(recipe, rows)
 
     def model():
         nonlocal loaded

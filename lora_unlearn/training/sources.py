@@ -4,12 +4,17 @@
     tofu:NAME            full TOFU: NAME.jsonl in ``tofu_dir`` if given, else the Hub dataset
                          locuslab/TOFU (config NAME); retainNN = full minus forget(100-NN)
     edits-demo           the demo knowledge-edit set (resources/edits_demo.jsonl)
+    edits:dev | edits:test  the project's edit benchmark (resources/edits/, see its README);
+                         its shared locality pool is ``edits:locality``
+    preservation         the general prompt pool of the preservation stream (resources/preservation/)
     anything else        a JSONL file, a saved dataset folder or a Hub dataset id
 
 A *view* turns rows into what training needs: ``qa`` (question/answer), ``text``, and for edit
 files ``edits_old`` / ``edits_new`` (the edit prompt with the old or new answer).
 Knowledge-edit rows are ``{"prompt", "old_answer", "new_answer", "paraphrases": [...],
-"locality": [{"prompt", "answer"}, ...]}``.
+"locality": [{"prompt", "answer"}, ...]}``; optional: ``neighbourhood`` (rows like locality's: same
+relation, other subject), ``subject``, ``relation``, ``unedited_answer`` (informational).
+A locality or neighbourhood ``answer`` may list alternatives as ``a|b``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.data import load_qa, load_records, load_texts, qa_rows, text_field
+from ..core.text import normalise
 from ..errors import UserError
 
 TOFU_MINI = ("retain", "forget01", "holdout01", "real_authors", "world_facts")
@@ -54,21 +60,62 @@ def _tofu_rows(name: str, tofu_dir: str | None) -> list[dict[str, Any]]:
     return load_records(folder / f"{name}.jsonl")
 
 
+EDIT_SPLITS = ("dev", "test")
+
+
+def _edit_file(source: str | Path) -> str | Path:
+    name = str(source)
+    if name == "edits-demo":
+        return resource_path("edits_demo.jsonl")
+    if name.startswith("edits:"):
+        split = name.removeprefix("edits:")
+        if split not in (*EDIT_SPLITS, "locality"):
+            raise UserError(f"unknown edit benchmark split {split!r}. Available: dev, test, locality")
+        return resource_path("edits", f"{split}.jsonl")
+    return source
+
+
+def _probes(row: dict[str, Any], key: str, where: str) -> None:
+    probes = row.get(key, [])
+    if not isinstance(probes, list):
+        raise UserError(f"{where}: field {key!r} must be a list of {{'prompt', 'answer'}} objects")
+    for j, x in enumerate(probes):
+        if not isinstance(x, dict) or not all(isinstance(x.get(f), str) and x[f].strip() for f in ("prompt", "answer")):
+            raise UserError(f"{where}: field {key!r} item {j} must be an object with non-empty strings "
+                            "'prompt' and 'answer'")
+
+
 def load_edits(source: str | Path) -> list[dict[str, Any]]:
-    """Knowledge-edit rows, validated (file and line in every error)."""
-    rows = load_records(resource_path("edits_demo.jsonl") if str(source) == "edits-demo" else source)
+    """Knowledge-edit rows, validated (file, line and field in every error)."""
+    path = _edit_file(source)
+    rows = load_records(path)
     for i, row in enumerate(rows):
-        where = f"{source}:{row.get('_line', i)}"
+        where = f"{path}:{row.get('_line', i)}"
         for key in ("prompt", "old_answer", "new_answer"):
             if text_field(row, key, where) is None:
-                raise UserError(f"{where}: an edit needs a non-empty string {key!r}")
-        paraphrases, locality = row.get("paraphrases", []), row.get("locality", [])
-        if not isinstance(paraphrases, list) or not all(isinstance(p, str) for p in paraphrases):
-            raise UserError(f"{where}: 'paraphrases' must be a list of strings")
-        if not isinstance(locality, list) or not all(
-                isinstance(x, dict) and isinstance(x.get("prompt"), str) and isinstance(x.get("answer"), str)
-                for x in locality):
-            raise UserError(f"{where}: 'locality' must be a list of {{'prompt', 'answer'}} objects")
+                raise UserError(f"{where}: field {key!r}: an edit needs a non-empty string {key!r}")
+        if normalise(row["old_answer"]) == normalise(row["new_answer"]):
+            raise UserError(f"{where}: field 'new_answer': equals 'old_answer' ({row['new_answer']!r}): "
+                            "an edit must change the answer")
+        paraphrases = row.get("paraphrases", [])
+        if not isinstance(paraphrases, list) or not all(isinstance(p, str) and p.strip() for p in paraphrases):
+            raise UserError(f"{where}: field 'paraphrases' must be a list of non-empty strings")
+        _probes(row, "locality", where)
+        _probes(row, "neighbourhood", where)
+    return rows
+
+
+def load_locality(source: str | Path) -> list[dict[str, str]]:
+    """A shared locality pool: rows ``{"prompt", "answer"}`` (optional ``subject``), validated."""
+    path = _edit_file(source)
+    rows = load_records(path)
+    for i, row in enumerate(rows):
+        where = f"{path}:{row.get('_line', i)}"
+        for key in ("prompt", "answer"):
+            if text_field(row, key, where) is None:
+                raise UserError(f"{where}: field {key!r}: a locality row needs a non-empty string {key!r}")
+    if not rows:
+        raise UserError(f"{path}: the locality pool is empty")
     return rows
 
 
@@ -86,6 +133,8 @@ def load_source(source: str | Path, view: str = "qa", tofu_dir: str | None = Non
         field = "old_answer" if view == "edits_old" else "new_answer"
         # Only the edit prompt is trained on: paraphrases measure generality, locality prompts locality.
         rows = [{"question": e["prompt"], "answer": e[field]} for e in load_edits(source)]
+    elif source == "preservation":
+        rows = load_qa(resource_path("preservation", "pool.jsonl"))
     elif source.startswith("tofu-mini:"):
         name = source.removeprefix("tofu-mini:")
         if name not in TOFU_MINI:

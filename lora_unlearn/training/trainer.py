@@ -34,7 +34,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 
 from ..core.adapter import Adapter
 from ..core.adapter_io import modules_from_tensors, save_adapter
-from ..core.data import fingerprint, to_dataset
+from ..core.data import encode_qa, fingerprint, fitting, to_dataset
 from ..core.stack import TRAINABLE, attached
 from ..errors import UserError
 from ..progress import RichTrainProgress
@@ -78,6 +78,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     objective: str = "nll"
     extra: dict[str, Any] = field(default_factory=dict)
+    # At least this many optimizer steps (epochs are extended): a handful of facts is one batch per epoch.
+    min_steps: int = 0
+    # Every N optimizer steps, stop once the first 32 rows being learned (train or update stream) are learned (teacher-forced argmax
+    # equals the answer at every answer token); 0: off.
+    stop_when_learned: int = 0
 
     def validate(self) -> None:
         checks = [
@@ -89,6 +94,8 @@ class TrainConfig:
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch size and gradient accumulation must be >= 1"),
             (self.max_length >= 8, f"max length must be >= 8 tokens, got {self.max_length}"),
+            (self.min_steps >= 0, f"min steps must be >= 0, got {self.min_steps}"),
+            (self.stop_when_learned >= 0, f"the learned-check interval must be >= 0 steps (0: off), got {self.stop_when_learned}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -183,6 +190,47 @@ class StreamEpoch(TrainerCallback):
         self.dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)
 
 
+LEARNED_CHECK_ROWS = 32
+PRESERVE_ANSWER_TOKENS = 32  # answer tokens of a preservation row that the KL is taken on
+
+
+@torch.no_grad()
+def learned_rows(model, batch: dict[str, torch.Tensor]) -> list[bool]:
+    """Per row: whether the argmax next token equals the label at every answer token (teacher-forced)."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        model.train(was_training)
+    target = batch["labels"][:, 1:]
+    mask = target != -100
+    hit = (logits[:, :-1].argmax(-1) == target) | ~mask
+    return hit.all(dim=1).tolist()
+
+
+class StopWhenLearned(TrainerCallback):
+    """Every ``every`` optimizer steps, check the first 32 rows; stop training once all are learned."""
+
+    def __init__(self, tokenizer, rows: list[dict[str, str]], every: int, max_length: int):
+        items = [encode_qa(tokenizer, r["question"], r["answer"], max_length) for r in rows[:LEARNED_CHECK_ROWS]]
+        self.batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(items)
+        self.every = every
+        self.learned: int | None = None
+        self.stopped_at: int | None = None
+
+    def check(self, model) -> int:
+        batch = {k: v.to(model.device) for k, v in self.batch.items()}
+        self.learned = sum(learned_rows(model, batch))
+        return self.learned
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.global_step % self.every == 0:
+            if self.check(model) == len(self.batch["input_ids"]):
+                self.stopped_at = state.global_step
+                control.should_training_stop = True
+
+
 class StreamCollator:
     """Pads each stream on its own: a batch is ``{stream: {input_ids, attention_mask, labels}}``."""
 
@@ -214,7 +262,16 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
     given = objective.select_streams(data)
     params = objective.resolve_params(config.extra)
     streams = objective.prepare(given, config.seed, params) if objective.prepare else given
-    dataset = StreamDataset({name: to_dataset(tokenizer, rows, config.max_length) for name, rows in streams.items()},
+    cut = {name: None for name in streams}
+    if "preserve" in streams:
+        # The preservation KL is taken on the first PRESERVE_ANSWER_TOKENS tokens of the starting
+        # model's answers, where an edit leaks into unrelated answers; prompts that do not fit are dropped.
+        cut["preserve"] = PRESERVE_ANSWER_TOKENS
+        streams = {**streams, "preserve": fitting(tokenizer, streams["preserve"], config.max_length)}
+        if not streams["preserve"]:
+            raise UserError(f"no preservation prompt is shorter than max_length {config.max_length} tokens: "
+                            "raise max_length or give shorter prompts")
+    dataset = StreamDataset({name: to_dataset(tokenizer, rows, config.max_length, cut[name]) for name, rows in streams.items()},
                             seed=config.seed)
     resume_from = None
     if checkpoints is not None:
@@ -226,6 +283,10 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
                "base": getattr(base_info, "hub_id", None), "quantization": getattr(base_info, "quantization", None),
                "processes": world_size()}
         resume_from = open_job(Path(checkpoints.dir), job, checkpoints.resume)
+    max_steps = config.max_steps
+    if config.min_steps and max_steps <= 0:
+        per_epoch = math.ceil(len(dataset) / (config.batch_size * config.grad_accum * world_size()))
+        max_steps = max(config.min_steps, math.ceil(config.epochs * per_epoch))
     set_seed(config.seed)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
                       lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
@@ -241,7 +302,7 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
             gradient_accumulation_steps=config.grad_accum, num_train_epochs=config.epochs,
             learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler,
             warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, seed=config.seed,
-            max_steps=config.max_steps, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+            max_steps=max_steps, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
             max_grad_norm=config.max_grad_norm,
             logging_steps=1, report_to="none", use_cpu=use_cpu,
             dataloader_num_workers=0, remove_unused_columns=False,
@@ -252,12 +313,20 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
                                    params=params, data_collator=StreamCollator(tokenizer))
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(StreamEpoch(dataset))
+        stopper = None
+        # What "learned" means: the rows being learned (train, or Surgery's update stream); unlearning has none.
+        learning = streams.get("train") or streams.get("update")
+        if config.stop_when_learned and learning and all("question" in r for r in learning):
+            stopper = StopWhenLearned(tokenizer, learning, config.stop_when_learned, config.max_length)
+            trainer.add_callback(stopper)
         trainer.remove_callback(PrinterCallback)  # added instead of the bar when logging is quiet
         if progress and is_main_process():
             trainer.add_callback(RichTrainProgress(f"training adapter ({config.objective})"))
         if resume_from is not None and progress and is_main_process():
             progress_console.print(f"resuming from {resume_from}")
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if stopper is not None and stopper.stopped_at is None:
+            stopper.check(peft_model)
         # The mean over every step's logged loss, so a resumed run reports the whole run's mean.
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         final_loss = sum(losses) / len(losses) if losses else float(result.training_loss)
@@ -278,8 +347,13 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
         "objective_params": _jsonable(params),
         "data": {name: fingerprint(rows) for name, rows in given.items()},  # the user's data, before prepare
         "final_train_loss": round(final_loss, 6),
+        "steps": int(trainer.state.global_step),
         "inputs": [_scaled_lineage(a, c) for a, c in stack],
     }
+    if stopper is not None:
+        # Teacher-forced check of the first 32 training rows at the end (issue: learn says what it learned).
+        lineage["learned"] = {"rows": len(stopper.batch["input_ids"]), "learned": stopper.learned,
+                              "stopped_early_at_step": stopper.stopped_at}
     return Adapter(modules=modules, config=peft_cfg, lineage=lineage)
 
 
@@ -306,24 +380,61 @@ def _scaled_lineage(adapter: Adapter, c: float) -> dict[str, Any]:
     return {"op": "scale", "params": {"c": c}, "inputs": [adapter.lineage]}
 
 
+# learn's defaults (CLI and Python API), chosen on the edit benchmark's dev split: a budget in
+# optimizer steps with a floor that suits a handful of facts, a stop once the rows are learned,
+# and the preservation stream (KL to the starting model on the vendored general prompt pool).
+# Recipes give their own values, so these do not change a recipe's adapters.
+LEARN_DEFAULTS = TrainConfig(learning_rate=2e-3, epochs=3.0, batch_size=8, min_steps=60, stop_when_learned=5)
+LEARN_PRESERVE = "preservation"
+LEARN_PRESERVE_WEIGHT = 1.0
+
+
+def with_preservation(rows, config: TrainConfig, preserve, weight: float | None = None):
+    """``{"train": rows, "preserve": pool}`` and the config with the KL weight, or the inputs unchanged
+    when ``preserve`` is None, the objective is not nll, or ``rows`` already names its streams.
+
+    ``preserve`` is a data source ("preservation": the vendored pool) or rows; the pool must not
+    repeat or mention what is learned (:func:`~lora_unlearn.training.preservation.check_pool`).
+    """
+    from dataclasses import replace
+
+    from .preservation import check_pool
+    from .sources import load_source
+
+    if preserve is None or config.objective != "nll" or isinstance(rows, dict):
+        return rows, config
+    pool = load_source(preserve) if isinstance(preserve, (str, Path)) else list(preserve)
+    check_pool(pool, rows, pool_name=f"preservation pool {preserve!r}" if isinstance(preserve, str) else "preservation pool",
+               what="the data to learn")
+    extra = {**config.extra, "preserve": LEARN_PRESERVE_WEIGHT if weight is None else weight}
+    return {"train": rows, "preserve": pool}, replace(config, extra=extra)
+
+
 def learn(rows: list[dict[str, str]] | dict[str, list[dict[str, str]]], out: str | Path | None = None, *, base: str = "smollm2-135m",
           quantization: str = "nf4", on: list[tuple[Adapter, float]] = (), config: TrainConfig | None = None,
           overwrite: bool = False, loaded=None, progress: bool = True, resume: bool = False,
-          checkpoint_every: int = 50) -> Adapter:
+          checkpoint_every: int = 50, preserve=LEARN_PRESERVE, preserve_weight: float | None = None) -> Adapter:
     """Load ``base`` (or use ``loaded`` = (model, tokenizer, info)), train an adapter, write it to ``out``.
 
+    Defaults (``config=None``): :data:`LEARN_DEFAULTS`, and the preservation stream ``preserve``
+    (the vendored pool; None turns it off) with weight ``preserve_weight`` (default 1.0): the
+    adapter learns the rows and keeps the model's answers to unrelated prompts.
     With ``out``, checkpoints go to ``OUT.partial/checkpoints`` every ``checkpoint_every`` steps
     (0: none) and are deleted once ``out`` is written; ``resume`` continues an interrupted run
     (nothing to resume: a fresh start). Under a distributed launcher only process 0 writes.
+    The lineage's ``learned`` says how many of the (first 32) rows were learned (teacher-forced).
     """
+    from dataclasses import replace
+
     from ..core.models import load_base
 
-    config = config or TrainConfig()
+    config = replace(config or LEARN_DEFAULTS)
     config.validate()
     if out is not None and Path(out).exists() and not overwrite:
         raise UserError(f"output {out} already exists: choose another path or pass --overwrite")
     if not rows:
         raise UserError("the data set is empty: nothing to learn")
+    rows, config = with_preservation(rows, config, preserve, preserve_weight)
     if checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0 steps (0: no checkpoints), got {checkpoint_every}")
     if resume and (out is None or checkpoint_every == 0):

@@ -1,7 +1,8 @@
 """Training objectives, one short file each, registered by name.
 
 An objective is a function ``loss(model, batches, **params) -> scalar tensor``. ``batches`` maps
-each stream the objective declares ("train", "forget", "retain", "update") to a tokenized batch
+each stream the objective declares ("train", "forget", "retain", "update", and optional ones such
+as nll's "preserve" when the data has them) to a tokenized batch
 ``{input_ids, attention_mask, labels}``; the trainer draws one batch of every stream per step,
 the first stream setting the epoch. ``params`` are the objective's named knobs (defaults
 registered with it, overridable per run). The reference model of KL and NPO is the model
@@ -26,6 +27,7 @@ class Objective:
     reference: str
     defaults: dict[str, Any] = field(default_factory=dict)
     prepare: Callable | None = None  # (streams, seed, params) -> streams, e.g. idk's answer swap
+    optional: tuple[str, ...] = ()  # streams used when given (nll's "preserve")
 
     def select_streams(self, data) -> dict[str, list]:
         """``data`` as ``{stream: rows}`` holding exactly the streams this objective needs."""
@@ -35,7 +37,7 @@ class Objective:
         if missing:
             raise UserError(f"objective {self.name!r} needs the data stream(s) {', '.join(missing)} "
                             f"(it uses {', '.join(self.streams)}; given: {', '.join(k for k, v in data.items() if v) or 'none'})")
-        return {s: data[s] for s in self.streams}
+        return {s: data[s] for s in self.streams + tuple(o for o in self.optional if data.get(o))}
 
     def resolve_params(self, given: dict[str, Any] | None) -> dict[str, Any]:
         unknown = sorted(set(given or {}) - set(self.defaults))
@@ -54,9 +56,9 @@ _MODULES = ("nll", "grad_ascent", "grad_diff", "kl", "npo", "idk", "surgery")
 
 
 def register(name: str, streams: tuple[str, ...], reference: str, defaults: dict[str, Any] | None = None,
-             prepare: Callable | None = None):
+             prepare: Callable | None = None, optional: tuple[str, ...] = ()):
     def wrap(fn: Callable) -> Callable:
-        REGISTRY[name] = Objective(name, fn, streams, reference, dict(defaults or {}), prepare)
+        REGISTRY[name] = Objective(name, fn, streams, reference, dict(defaults or {}), prepare, optional)
         return fn
     return wrap
 

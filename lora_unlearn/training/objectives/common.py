@@ -61,9 +61,54 @@ def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def _split_head(model):
+    """(decoder, lm_head) of a causal LM (PEFT-wrapped or not), or None when the model is wrapped
+    by a distributed engine (DDP, FSDP, DeepSpeed), whose gradient hooks sit on the whole model."""
+    if not hasattr(model, "get_base_model") and not hasattr(model, "get_output_embeddings"):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
+        return None
+    return decoder, head
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) at the N next-token positions that predict an answer token, and those tokens (N,).
+
+    The same numbers as ``logits_of(model, batch)[:, :-1][mask]``, but the vocabulary projection
+    runs on the answer positions only: an edit row is ~35 prompt tokens and ~4 answer tokens, and
+    for a 49k vocabulary the projection is most of a small model's forward. Models this cannot
+    split (distributed wrappers, logit soft-capping) take the full path.
+    """
+    target = batch["labels"][:, 1:]
+    mask = target != IGNORE
+    parts = _split_head(model)
+    if parts is None:
+        return logits_of(model, batch)[:, :-1][mask], target[mask]
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return head(hidden[:, :-1][mask]), target[mask]
+
+
 def nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean answer-token NLL of the model (with the trainable adapter) on a batch."""
-    return mean_nll(logits_of(model, batch), batch["labels"])
+    """Mean answer-token NLL of the model (with the trainable adapter) on a batch (0 without answer tokens)."""
+    logits, target = answer_logits(model, batch)
+    if target.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), target)
+
+
+def kl_on_answers(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`kl_to_reference` on a batch, the vocabulary projection on answer positions only."""
+    logits, target = answer_logits(model, batch)
+    with torch.no_grad(), reference(model):
+        ref, _ = answer_logits(model, batch)
+    if target.numel() == 0:
+        return logits.sum() * 0.0
+    log_q, log_p = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(ref.float(), dim=-1)
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True) / target.numel()
 
 
 def reference_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

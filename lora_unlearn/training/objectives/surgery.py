@@ -24,7 +24,7 @@ stream (official batch size 1 per GPU), gradient clipping at norm 1.0. Use them 
 """
 
 from . import register
-from .common import kl_to_reference, logits_of, nll, reference_logits
+from .common import kl_on_answers, nll
 
 TRAIN_DEFAULTS = {
     "learning_rate": 2e-4,
@@ -41,6 +41,5 @@ TRAIN_DEFAULTS = {
 @register("surgery", streams=("forget", "update", "retain"), defaults={"a": 0.1, "b": 2.0, "c": 0.5},
           reference="Veldanda et al. 2024, arXiv 2409.13054 (official code: akshajkumarv/llm_surgery_code)")
 def surgery(model, batches, a, b, c):
-    retain = batches["retain"]
-    kl = kl_to_reference(logits_of(model, retain), reference_logits(model, retain), retain["labels"])
+    kl = kl_on_answers(model, batches["retain"]) if c else 0.0
     return -a * nll(model, batches["forget"]) + b * nll(model, batches["update"]) + c * kl
