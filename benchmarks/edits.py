@@ -40,7 +40,7 @@ from lora_unlearn.training.trainer import TrainConfig, train_adapter
 # The shared budget; LR and PRESERVE were chosen on dev with --sweep (see the README).
 BUDGET = dict(batch_size=8, min_steps=40, max_steps=-1, epochs=1, stop_when_learned=5, max_length=128)
 LR = 2e-3
-PRESERVE = 1.0
+PRESERVE = 4.0
 SURGERY = {"a": 0.1, "b": 2.0}  # official weights; c = the preservation weight (0 without)
 METHODS = ("ft", "ft+P", "f_learning", "f_learning+P", "surgery", "surgery+P")
 LABELS = {"ft": "fine-tuning", "ft+P": "fine-tuning + preservation", "f_learning": "F-Learning",
@@ -175,10 +175,11 @@ def main(argv=None) -> None:
     ap.add_argument("--lrs", type=float, nargs="+", default=[LR])
     ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench_edits"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the 2 cores)")
     args = ap.parse_args(argv)
     if args.sweep and args.split != "dev":
         sys.exit("--sweep tunes on dev only: pass --split dev")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     edits = load_edits(f"edits:{args.split}")
     locality = load_locality("edits:locality")
@@ -213,6 +214,7 @@ def main(argv=None) -> None:
                 print(f"{key} seed {seed}: " + ", ".join(f"{f} {r[f]:.2f}" for f in FIELDS if r.get(f) is not None)
                       + f", {r['train_s']:.0f} s", flush=True)
                 results.setdefault(key, []).append(r)
+            report(results, args, edits)
     if args.single:
         name = f"f_learning+P, {args.single} single edits"
         for seed in args.seeds:
@@ -220,15 +222,20 @@ def main(argv=None) -> None:
                 "f_learning+P", model, tok, info, edits[:args.single], pool, locality, unedited, seed, LR, PRESERVE,
                 cache / f"single_f_learning+P_lr{LR:g}_w{PRESERVE:g}_s{seed}"))
 
+    print(report(results, args, edits))
+
+
+def report(results: dict, args, edits) -> str:
+    """Write the summary so far (JSON, markdown, plot): a partial run leaves its finished rows."""
     summary = {k: summarise(v) for k, v in results.items()}
     write(args.out / f"edits_{args.split}.json", {"split": args.split, "n": len(edits), "seeds": args.seeds,
                                                    "budget": BUDGET, "lr": LR, "preserve": PRESERVE,
                                                    "summary": summary})
     md = table(summary, args.split, len(edits), args.seeds)
     (args.out / f"edits_{args.split}.md").write_text(md)
-    print(md)
     if args.split == "test" and not args.sweep:
         plot(summary, args.out / "edits_test.png")
+    return md
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def learn(data: Annotated[str, typer.Option("--data", help="JSONL (question/answ
           preserve: Annotated[str, typer.Option(
               help="Preservation pool (KL to the starting model on unrelated prompts): 'preservation' "
                    "(vendored), a QA JSONL file, or 'none'.")] = "preservation",
-          preserve_weight: Annotated[float, typer.Option(help="Weight of the preservation KL.")] = 1.0,
+          preserve_weight: Annotated[float, typer.Option(help="Weight of the preservation KL.")] = 4.0,
           overwrite: Overwrite = False, resume: Resume = False, checkpoint_every: CheckpointEvery = 50):
     """Train a LoRA adapter with NLL on DATA over a quantized base (and frozen adapters), keeping the
     model's answers to unrelated prompts (the preservation stream)."""

@@ -2,7 +2,7 @@
 
 1. K = learn(12 fictitious facts) on the base (nf4), with the preservation stream (KL to the base
    on the vendored general prompt pool), so the base's other answers stay as they were.
-2. F = learn(2 of those facts) on top of base + K (K frozen, unmerged), also preserving.
+2. F = learn(2 of those facts) on top of base + K (K frozen, unmerged).
 3. R = a small refusal adapter: the 2 forgotten questions answered "I don't know"-style (TOFU's
    refusals), trained on top of base + K - F with preservation. Negation alone removes the facts
    but leaves the model to improvise on those questions, often degenerate text; R gives them a
@@ -38,9 +38,13 @@ from .training.preservation import check_pool
 from .training.sources import load_source
 from .training.trainer import TrainConfig, train_adapter
 
-KNOWLEDGE = TrainConfig(epochs=10, batch_size=4, learning_rate=2e-3, extra={"preserve": 1.0})
-FORGET = TrainConfig(epochs=10, batch_size=2, learning_rate=2e-3, extra={"preserve": 1.0})
-REFUSAL = TrainConfig(epochs=10, batch_size=2, learning_rate=2e-3, extra={"preserve": 1.0})
+# K and R add knowledge: both preserve (KL to the model they start from on the vendored pool).
+# F is a forget adapter: it must capture the facts fully for its negation to remove them (with a
+# preservation term it stayed small on facts K already knows: measured, base + K - F still named
+# both at P = 0.77), so it trains without one.
+KNOWLEDGE = TrainConfig(epochs=10, batch_size=4, learning_rate=2e-3, extra={"preserve": 4.0})
+FORGET = TrainConfig(epochs=10, batch_size=2, learning_rate=2e-3)
+REFUSAL = TrainConfig(epochs=10, batch_size=2, learning_rate=2e-3, extra={"preserve": 4.0})
 
 
 def _rows(name: str) -> list[dict]:
@@ -73,7 +77,7 @@ def run_demo(out: str | Path, lam: float = 1.0, quantization: str = "nf4", overw
     with console.status("loading the embedded model (converted from GGUF on first use)"):
         model, tokenizer, info = load_base("smollm2-135m", quantization)
     K = train_adapter(model, tokenizer, {"train": qa, "preserve": pool}, KNOWLEDGE, base_info=info)
-    F = train_adapter(model, tokenizer, {"train": forget, "preserve": pool}, FORGET, stack=[(K, 1.0)], base_info=info)
+    F = train_adapter(model, tokenizer, forget, FORGET, stack=[(K, 1.0)], base_info=info)
     F_neg = negate(F, lam)
     R = train_adapter(model, tokenizer, {"train": refusal_rows(forget), "preserve": pool}, REFUSAL,
                       stack=[(K, 1.0), (F_neg, 1.0)], base_info=info)

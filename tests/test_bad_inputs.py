@@ -280,7 +280,7 @@ ROWS = [
         api(lambda t, _: write(t, "deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"), load_any)),
     Row("46", "API", "folder that is not a saved dataset", "is a folder but not a dataset saved with datasets' save_to_disk",
         api(lambda t, _: write(t, "ds/dataset_info.json", "{oops").parent, load_qa)),
-    Row("47", "API", "edit rows whose paraphrases are a string", "'paraphrases' must be a list of strings",
+    Row("47", "API", "edit rows whose paraphrases are a string", "field 'paraphrases' must be a list of non-empty strings",
         api(lambda t, _: write(t, "e.jsonl", jsonl(
             {"prompt": "p", "old_answer": "a", "new_answer": "b", "paraphrases": "p2"})), load_edits)),
     Row("48", "recipe", "TOFU split retainXX", "retainNN needs NN between 01 and 99",

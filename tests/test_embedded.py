@@ -26,15 +26,19 @@ def test_embedded_model_answers_in_nf4(smol):
 
 
 def test_demo_learns_and_forgets(tmp_path):
-    """The README's main job end to end: K learns the facts, -F removes the two, most others stay."""
+    """The README's main job end to end: K learns the facts, -F + R removes the two fluently, the others stay."""
     from lora_unlearn.demo import run_demo
 
     summary = run_demo(tmp_path / "demo")
+    final = summary["settings"]["base+K-1F+R"]
     assert summary["learned_by_K"] >= 11 and summary["base_knew"] <= 1
-    assert summary["forgotten_that_survive"] == 0
-    assert summary["kept_that_stay"] >= 7
-    assert summary["mean_p_forget"]["base+K-1F"] < 0.1 < summary["mean_p_keep"]["base+K-1F"]
-    assert (tmp_path / "demo" / "forget_negated" / "adapter_model.safetensors").is_file()
+    assert summary["forgotten_that_survive"] == 0 == final["forgotten_named"]
+    assert final["forgotten_degenerate"] == 0  # fluent answers, not repeated n-grams
+    assert summary["kept_that_stay"] >= 8  # measured 9 of 10 (README)
+    assert summary["settings"]["base+K"]["real_world_as_base"] >= summary["real_world_base_correct"] - 5  # measured 9 of 13
+    assert final["mean_p_forget"] < final["mean_p_keep"]
+    for name in ("knowledge", "forget_negated", "refusal"):
+        assert (tmp_path / "demo" / name / "adapter_model.safetensors").is_file()
 
 
 SIX_FACTS = [

@@ -386,7 +386,7 @@ def _scaled_lineage(adapter: Adapter, c: float) -> dict[str, Any]:
 # Recipes give their own values, so these do not change a recipe's adapters.
 LEARN_DEFAULTS = TrainConfig(learning_rate=2e-3, epochs=3.0, batch_size=8, min_steps=60, stop_when_learned=5)
 LEARN_PRESERVE = "preservation"
-LEARN_PRESERVE_WEIGHT = 1.0
+LEARN_PRESERVE_WEIGHT = 4.0
 
 
 def with_preservation(rows, config: TrainConfig, preserve, weight: float | None = None):
@@ -417,7 +417,7 @@ def learn(rows: list[dict[str, str]] | dict[str, list[dict[str, str]]], out: str
     """Load ``base`` (or use ``loaded`` = (model, tokenizer, info)), train an adapter, write it to ``out``.
 
     Defaults (``config=None``): :data:`LEARN_DEFAULTS`, and the preservation stream ``preserve``
-    (the vendored pool; None turns it off) with weight ``preserve_weight`` (default 1.0): the
+    (the vendored pool; None turns it off) with weight ``preserve_weight`` (default 4.0): the
     adapter learns the rows and keeps the model's answers to unrelated prompts.
     With ``out``, checkpoints go to ``OUT.partial/checkpoints`` every ``checkpoint_every`` steps
     (0: none) and are deleted once ``out`` is written; ``resume`` continues an interrupted run
