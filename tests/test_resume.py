@@ -162,20 +162,20 @@ def test_checkpoints_of_another_run_are_refused(tiny_model_dir, qa_file, tmp_pat
     train_adapter(model, tok, rows, config, base_info=info, progress=False,
                   checkpoints=Checkpoints(work_dir(out) / "checkpoints", every=1))  # leaves its checkpoints
     with pytest.raises(UserError, match=r"holds an interrupted run .*add --resume"):
-        learn(rows, out, loaded=loaded, config=config, progress=False)
+        learn(rows, out, loaded=loaded, config=config, progress=False, preserve=None)
     other = TrainConfig(**{**config.__dict__, "learning_rate": 0.02})
     with pytest.raises(UserError, match=r"belong to a different run \(differs in: config\.learning_rate\)"):
-        learn(rows, out, loaded=loaded, config=other, resume=True, progress=False)
+        learn(rows, out, loaded=loaded, config=other, resume=True, progress=False, preserve=None)
     with pytest.raises(UserError, match=r"differs in: data\.train"):
-        learn(rows[:2], out, loaded=loaded, config=config, resume=True, progress=False)
+        learn(rows[:2], out, loaded=loaded, config=config, resume=True, progress=False, preserve=None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match=r"differs in: processes"):
-        learn(rows, out, loaded=loaded, config=config, resume=True, progress=False)
+        learn(rows, out, loaded=loaded, config=config, resume=True, progress=False, preserve=None)
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(UserError, match="needs checkpoints"):
         learn(rows, out, loaded=loaded, config=config, resume=True, checkpoint_every=0)
 
-    resumed = learn(rows, out, loaded=loaded, config=config, resume=True, progress=False)  # the same run: accepted
-    fresh = learn(rows, tmp_path / "b", loaded=loaded, config=config, progress=False)
+    resumed = learn(rows, out, loaded=loaded, config=config, resume=True, progress=False, preserve=None)  # the same run: accepted
+    fresh = learn(rows, tmp_path / "b", loaded=loaded, config=config, progress=False, preserve=None)
     assert all(torch.equal(resumed.modules[n].B, fresh.modules[n].B) for n in fresh.modules)
     assert not work_dir(out).exists() and out.is_dir()

@@ -42,7 +42,9 @@ def test_learning_lowers_the_answer_nll_and_records_lineage(loaded, qa_file, tmp
     model, tok, _ = loaded
     rows = load_qa(qa_file)
     before = answer_nll(model, tok, rows).mean()
-    adapter = learn(rows, tmp_path / "k", loaded=loaded, config=FAST, progress=False)
+    # Plain fine-tuning (preserve=None): the default preservation stream restrains the tiny model;
+    # learn's defaults on the real model are tests/test_embedded.py's.
+    adapter = learn(rows, tmp_path / "k", loaded=loaded, config=FAST, progress=False, preserve=None)
     with attached(model, [(adapter, 1.0)]) as m:
         after = answer_nll(m, tok, rows).mean()
     assert after < 0.5 * before, (before, after)
