@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from lora_unlearn.cli import app
-from lora_unlearn.core.data import load_records
+from lora_unlearn.core.data import load_records, to_dataset
 from lora_unlearn.core.models import load_base
 from lora_unlearn.core.stack import attached
 from lora_unlearn.core.text import mentions, mentions_any, repeats_ngram
@@ -151,10 +151,13 @@ def test_locality_is_judged_against_the_unedited_model(loaded):
 
 # ---- training with preservation -----------------------------------------------------------------
 
+def _batch(tok, rows):
+    return StreamCollator(tok)([{"t": row} for row in to_dataset(tok, rows, 64)])["t"]
+
+
 def test_answer_position_logits_equal_the_full_forward(loaded):
     model, tok, _ = loaded
-    batch = StreamCollator(tok)([{"t": row} for row in __import__("lora_unlearn.core.data", fromlist=["x"])
-                                 .to_dataset(tok, FACTS + POOL[:1], 64)])["t"]
+    batch = _batch(tok, FACTS + POOL[:1])
     from tests.tiny import make_adapter
 
     specs = {f"model.layers.{i}.self_attn.q_proj": (32, 32, 2) for i in range(2)}
@@ -173,8 +176,7 @@ def test_answer_position_logits_equal_the_full_forward(loaded):
 
 
 def _pool_kl(model, tok, adapter) -> float:
-    batch = StreamCollator(tok)([{"t": row} for row in __import__("lora_unlearn.core.data", fromlist=["x"])
-                                 .to_dataset(tok, POOL, 64)])["t"]
+    batch = _batch(tok, POOL)
     with torch.no_grad():
         ref = logits_of(model, batch)
         with attached(model, [(adapter, 1.0)]) as m:
