@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="time our operations this many times, keep the best")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--json", type=Path, default=Path("runs/bench/arithmetic.json"),
+                   help="write the results here (the committed ones: benchmarks/results/arithmetic.json)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

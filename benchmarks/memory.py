@@ -267,7 +267,7 @@ def estimate(nf4: dict, fit: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 training steps and 5 probe shapes instead of 10 and 6")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
+    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "memory.json")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per training run (default 1: stable on a shared machine)")
     ap.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["nf4", "none"], help=argparse.SUPPRESS)

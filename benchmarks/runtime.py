@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="train the knowledge adapter on 80 rows for 1 epoch")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--retain-limit", type=int, help="limit the retain rows (PerTA importance reads all of them)")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
+    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "runtime.json")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lora_unlearn-runtime-") as tmp:

@@ -16,7 +16,8 @@ world_facts; forget quality is the KS-test p-value against R's forget truth rati
 
 Everything is cached under --dir (default runs/tofu_mini): a step whose output exists is
 skipped, so an interrupted benchmark picks up where it stopped. Results go to
-benchmarks/results/tofu_mini.{json,md,png} and tofu_mini_sweeps.png.
+--results (default runs/tofu_mini/results; the committed ones: --results benchmarks/results):
+tofu_mini.{json,md,png} and tofu_mini_sweeps.png.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "runs" / "tofu_mini" / "results"  # --results
 BUDGET = 0.05
 HOLDOUT = slice(360, 400)  # retain rows held out for selection (authors 19-20 of full[0:400])
 METHODS = ["tv", "perta_grad", "perta_fisher", "perta_dense", "npo", "uipe_npo", "grad_ascent",
@@ -176,7 +177,7 @@ def run_methods(args) -> None:
             if not (folder / "selection.json").is_file():
                 say("selecting", method, target, values)
                 select_run(folder, target, values, forget_rows=ev.splits["forget"], holdout_rows=ev.holdout,
-                           budget=BUDGET, batch_size=args.batch_size, loaded=loaded)
+                           budget=BUDGET, batch_size=args.batch_size, loaded=loaded, overwrite=True)
             selection = json.loads((folder / "selection.json").read_text())
             if args.sweep_eval:
                 from lora_unlearn.training.select import RunArtifacts
@@ -349,8 +350,12 @@ def main() -> None:
     ap.add_argument("--surgery-steps", type=int, help="LLM Surgery steps (official: 120)")
     ap.add_argument("--prepare-set", action="append", default=[], help="--set for the K and R recipes")
     ap.add_argument("--method-set", action="append", default=[], help="--set for every method recipe")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where the tables and plots go (the committed ones: benchmarks/results)")
     args = ap.parse_args()
     args.dir = args.dir.resolve()
+    global RESULTS
+    RESULTS = args.results.resolve()
     if args.command == "prepare":
         prepare(args)
     elif args.command == "run":

@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared machine 2 threads mostly wait on each other)")
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per row in (2)")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "toggle.json")
+    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "toggle.json")
     args = ap.parse_args()
 
     import peft

@@ -8,7 +8,10 @@ answer probabilities), ``arithmetic`` (pure task arithmetic), ``training``, ``se
 
 from importlib import import_module
 
+from .quiet import quiet_known_messages
+
 __version__ = "0.1.0"
+quiet_known_messages()  # known-harmless library messages only (lora_unlearn.quiet; LORA_UNLEARN_VERBOSE=1 shows them)
 
 _LAZY = {
     "Adapter": "core.adapter", "LoraModule": "core.adapter",
@@ -18,7 +21,7 @@ _LAZY = {
     "UserError": "errors",
     "load_base": "core.models", "load_qa": "core.data", "load_texts": "core.data",
     "answer": "core.inference", "answer_probability": "core.inference", "attached": "core.stack",
-    "TrainConfig": "training.trainer", "learn": "training.trainer", "select_run": "training.select",
+    "TrainConfig": "training.trainer", "learn": "training.learn", "select_run": "training.select",
     "ForgetRuntime": "serving.runtime", "load_model": "serving.loading", "hotswap": "serving.loading",
     "LoadReport": "serving.loading", "create_app": "serving.app",
     "evaluate_tofu": "evaluate.tofu", "evaluate_edits": "evaluate.edits",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -42,8 +43,14 @@ def user_errors(fn):
 def _options(ctx: typer.Context,
              allow_pickle: Annotated[bool, typer.Option(
                  "--allow-pickle", help="Also read pickle weights (adapter_model.bin, pytorch_model.bin) with "
-                 "torch.load(weights_only=True). Off: pickle can run code when loaded.")] = False):
+                 "torch.load(weights_only=True). Off: pickle can run code when loaded.")] = False,
+             verbose: Annotated[bool, typer.Option(
+                 "--verbose", help="Show the libraries' known-harmless messages too (missing optional CPU "
+                 "kernels, deprecation notices, loading bars).")] = False):
     """Unlearning and knowledge updates as task arithmetic on LoRA adapters over a 4-bit base."""
+    from .quiet import quiet_known_messages, show_everything
+
+    show_everything() if verbose else quiet_known_messages()
     if allow_pickle:
         from .core.fsutil import pickle_allowed
 
@@ -53,6 +60,10 @@ def _options(ctx: typer.Context,
 def _quiet_libraries() -> None:
     import transformers
 
+    from .quiet import verbose
+
+    if verbose():
+        return
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -62,6 +73,33 @@ def _note_fresh_start(out: Path, resume: bool) -> None:
 
     if resume and is_main_process() and not work_dir(out).exists():
         err_console.print(f"nothing to resume in {work_dir(out)}: starting from scratch")
+
+
+@contextlib.contextmanager
+def _resume_hint(out: Path, checkpoint_every: int):
+    """Ctrl-C: say where the checkpoints are and the exact command that continues, then exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        import shlex
+
+        from .training.jobs import last_checkpoint, resumable, work_dir
+
+        kept = work_dir(out)
+        # Complete checkpoints only (one cut short by the interrupt is skipped on resume too).
+        folders = {p.parent for p in kept.rglob("checkpoint-*")} if kept.is_dir() else set()
+        saved = [c for c in map(last_checkpoint, folders) if c is not None]
+        argv = ["lora-unlearn", *sys.argv[1:]]
+        command = " ".join(shlex.quote(a) for a in argv + ([] if "--resume" in argv else ["--resume"]))
+        if kept.is_dir() and (saved or resumable(kept)):
+            err_console.print(f"interrupted: progress is kept in {kept}"
+                              + (f" (latest checkpoint {max(saved, key=lambda p: p.stat().st_mtime).name})" if saved else "")
+                              + f"; continue with:\n  {command}", highlight=False, soft_wrap=True)
+        else:
+            every = f"every {checkpoint_every} steps" if checkpoint_every else "never (--checkpoint-every 0)"
+            err_console.print(f"interrupted before the first checkpoint (saved {every}): nothing to resume; "
+                              f"{command} starts again from scratch", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _write(adapter, out: Path, overwrite: bool) -> None:
@@ -155,43 +193,64 @@ def learn(data: Annotated[str, typer.Option("--data", help="JSONL (question/answ
           r: int = 8, alpha: float = 16.0,
           target_modules: Annotated[str, typer.Option(help="'all-linear' or comma-separated module names.")] = "all-linear",
           lr: Annotated[float | None, typer.Option(help="Learning rate [default: 2e-3].")] = None,
-          epochs: Annotated[float | None, typer.Option(help="Epochs [default: 3].")] = None,
-          batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 8].")] = None,
+          epochs: Annotated[float | None, typer.Option(help="Epochs [default: 3; 10 with --forget-adapter].")] = None,
+          batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 8; 2 with --forget-adapter].")] = None,
           grad_accum: int = 1, seed: int = 0,
           max_length: int = 256,
           max_steps: Annotated[int, typer.Option(help="Train this many optimizer steps (overrides --epochs); -1: off.")] = -1,
-          min_steps: Annotated[int | None, typer.Option(help="At least this many optimizer steps [default: 60].")] = None,
+          min_steps: Annotated[int | None, typer.Option(help="At least this many optimizer steps [default: 60; 0 with --forget-adapter].")] = None,
           stop_when_learned: Annotated[int | None, typer.Option(
-              help="Every N steps, stop once the rows are learned (teacher-forced); 0: off [default: 5].")] = None,
+              help="Every N steps, stop once the rows are learned (teacher-forced); 0: off [default: 5; 0 with --forget-adapter].")] = None,
           preserve: Annotated[str, typer.Option(
               help="Preservation pool (KL to the starting model on unrelated prompts): 'preservation' "
                    "(vendored), a QA JSONL file, or 'none'.")] = "preservation",
           preserve_weight: Annotated[float, typer.Option(help="Weight of the preservation KL.")] = 4.0,
+          forget_adapter: Annotated[bool, typer.Option(
+              "--forget-adapter", help="Train a forget adapter F (to negate), usually --on the adapter that holds "
+              "the knowledge: 10 epochs, batch 2, no early stop, no preservation.")] = False,
           overwrite: Overwrite = False, resume: Resume = False, checkpoint_every: CheckpointEvery = 50):
     """Train a LoRA adapter with NLL on DATA over a quantized base (and frozen adapters), keeping the
-    model's answers to unrelated prompts (the preservation stream)."""
+    model's answers to unrelated prompts (the preservation stream); or, with --forget-adapter, a
+    forget adapter to negate."""
+    import warnings
     from dataclasses import replace
 
     from .core.data import load_any
     from .core.stack import parse_stack
     from .training.jobs import is_main_process
-    from .training.trainer import LEARN_DEFAULTS
-    from .training.trainer import learn as run
+    from .training.learn import FORGET_DEFAULTS, LEARN_DEFAULTS, NotLearnedWarning, learned_report, not_learned_advice
+    from .training.learn import learn as run
 
     _quiet_libraries()
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     given = {"learning_rate": lr, "epochs": epochs, "batch_size": batch_size, "min_steps": min_steps,
              "stop_when_learned": stop_when_learned}
-    config = replace(LEARN_DEFAULTS, r=r, lora_alpha=alpha, target_modules=targets, grad_accum=grad_accum, seed=seed,
+    config = replace(FORGET_DEFAULTS if forget_adapter else LEARN_DEFAULTS, r=r, lora_alpha=alpha, target_modules=targets, grad_accum=grad_accum, seed=seed,
                      max_length=max_length, max_steps=max_steps, **{k: v for k, v in given.items() if v is not None})
     config.validate()
     rows = load_any(data)
     _note_fresh_start(out, resume)
-    adapter = run(rows, out, base=base, quantization=quantization, on=parse_stack(on), config=config, overwrite=overwrite,
-                  resume=resume, checkpoint_every=checkpoint_every,
-                  preserve=None if preserve.lower() == "none" else preserve, preserve_weight=preserve_weight)
+    with warnings.catch_warnings(), _resume_hint(out, checkpoint_every):
+        warnings.simplefilter("ignore", NotLearnedWarning)  # said below, with the CLI's option names
+        adapter = run(rows, out, base=base, quantization=quantization, on=parse_stack(on), config=config,
+                      overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
+                      preserve=None if preserve.lower() == "none" else preserve, preserve_weight=preserve_weight,
+                      forget_adapter=forget_adapter)
     if is_main_process():
-        err_console.print(f"wrote {out} (final train loss {adapter.lineage['final_train_loss']:.4f})")
+        report = learned_report(adapter)
+        learned = f"; learned {report[0]} of {report[1]} rows" if report else ""
+        err_console.print(f"wrote {out} ({adapter.lineage['steps']} steps, final train loss "
+                          f"{adapter.lineage['final_train_loss']:.4f}{learned})", soft_wrap=True)
+        advice = not_learned_advice(adapter)
+        if advice:
+            err_console.print(f"[bold yellow]warning:[/] {advice}", highlight=False, soft_wrap=True)
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """One word ending in a data-file suffix, or containing a path separator: meant as a file."""
+    word = text.strip()
+    return bool(word) and not any(c.isspace() for c in word) and (
+        word.lower().endswith((".jsonl", ".json", ".csv", ".txt", ".parquet")) or "/" in word or "\\" in word)
 
 
 @app.command()
@@ -211,6 +270,9 @@ def ask(questions: Annotated[str, typer.Option("--questions", help="A question, 
         if any(not isinstance(r.get("question"), str) for r in rows):
             raise UserError(f"{questions}: every row needs a string field 'question'")
         items = [r["question"] for r in rows]
+    elif _looks_like_a_path(questions):
+        raise UserError(f"--questions {questions!r} looks like a file path, but there is no such file: check the "
+                        "path (a question to ask directly is plain text with spaces, e.g. 'Who wrote Hamlet?')")
     else:
         items = [questions]
     stack = parse_stack(adapter)
@@ -249,13 +311,18 @@ def run(recipe: Path,
         if not holdout:
             raise UserError("--select needs held-out retain data the method did not train on: pass --holdout DATA")
     spec = load_recipe(recipe, set_ or [])
+    if select_ is not None:
+        from .training.select import check_target
+
+        check_target(spec, target)  # before any training: a misspelled key must not cost a run
     out = out or Path("runs") / spec.name
     from .core.fsutil import check_separate
 
     check_separate(out, spec.adapters.values(), what="input adapter")
     _note_fresh_start(out, resume)
-    report = run_recipe(spec, out, overwrite=overwrite, console=err_console, resume=resume,
-                        checkpoint_every=checkpoint_every)
+    with _resume_hint(out, checkpoint_every):
+        report = run_recipe(spec, out, overwrite=overwrite, console=err_console, resume=resume,
+                            checkpoint_every=checkpoint_every)
     if not is_main_process():
         return
     table = Table("step", "seconds", title=f"{spec.name}: result in {out}/adapter")
@@ -263,7 +330,7 @@ def run(recipe: Path,
         table.add_row(step["name"], f"{step['seconds']:.1f}")
     out_console.print(table)
     if select_ is not None:
-        _select(out, target, values, holdout, holdout_rows, None, budget)
+        _select(out, target, values, holdout, holdout_rows, None, budget, overwrite=True)  # the run is new
 
 
 @app.command()
@@ -286,8 +353,8 @@ Budget = Annotated[float, typer.Option("--budget", help="Largest allowed relativ
 
 
 def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout_rows: str | None,
-            forget: str | None, budget: float) -> None:
-    from .training.select import RunArtifacts, parse_target, parse_values, select_run
+            forget: str | None, budget: float, overwrite: bool = False) -> None:
+    from .training.select import RunArtifacts, check_target, parse_target, parse_values, select_run
     from .training.sources import load_source
 
     parse_target(param)
@@ -296,6 +363,9 @@ def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout
         raise UserError("choosing a coefficient needs held-out retain data the method did not train on: "
                         "pass --holdout DATA (and --holdout-rows START:END to take a slice)")
     run = RunArtifacts(run_dir)
+    check_target(run.recipe, param)
+    if (run.dir / "selected").exists() and not overwrite:
+        raise UserError(f"{run.dir / 'selected'} already exists (an earlier selection): pass --overwrite to replace it")
     if forget is None:
         entry = run.recipe.data.get("forget")
         if entry is None:
@@ -317,7 +387,7 @@ def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout
                           f"held-out drop {point['utility_drop']:+.2%}")
 
     result = select_run(run_dir, param, grid, forget_rows=forget_rows, holdout_rows=held, budget=budget,
-                        progress=show)
+                        progress=show, overwrite=overwrite)
     table = Table("value", "forget P", "held-out P", "drop", title=f"sweep of {param} (budget {budget:.0%})")
     for p in result["points"]:
         mark = " <" if p["value"] == result["selected"] else ""
@@ -334,14 +404,15 @@ def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout
 def select(run_dir: Annotated[Path, typer.Argument(help="A finished `lora-unlearn run` output folder.")],
            param: Annotated[str, typer.Option("--param", help="STEP.PARAM to sweep, e.g. unlearned.lam or unlearned.alpha.")],
            values: Annotated[str, typer.Option("--values", help="Comma-separated values, e.g. 0.5,1,1.5,2,3.")],
-           holdout: Holdout = None, holdout_rows: HoldoutRows = None, forget: ForgetData = None, budget: Budget = 0.05):
+           holdout: Holdout = None, holdout_rows: HoldoutRows = None, forget: ForgetData = None, budget: Budget = 0.05,
+           overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier RUN_DIR/selected.")] = False):
     """Choose lam/alpha without the answer key: the strongest forgetting whose held-out utility drop stays in budget.
 
     Re-applies only the run's arithmetic (its trained adapters and importance maps are read back).
     Writes RUN_DIR/selection.json (the whole sweep) and RUN_DIR/selected (the chosen adapter).
     """
     _quiet_libraries()
-    _select(run_dir, param, values, holdout, holdout_rows, forget, budget)
+    _select(run_dir, param, values, holdout, holdout_rows, forget, budget, overwrite=overwrite)
 
 
 @app.command("eval")
@@ -427,11 +498,13 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
 @app.command()
 @user_errors
 def card(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
-         force: Annotated[bool, typer.Option("--force", help="Replace a README.md that lora-unlearn did not write.")] = False):
-    """(Re)write FOLDER/README.md, the model card: lineage, risks, and results.json found beside it."""
+         force: Annotated[bool, typer.Option("--force", help="Replace a README.md that lora-unlearn did not write.")] = False,
+         eval_: Annotated[Path | None, typer.Option("--eval", help="An `eval --out` folder (or its results.json) to "
+                          "show; default: beside the adapter, else the newest under the run folder that evaluated it.")] = None):
+    """(Re)write FOLDER/README.md, the model card: lineage, risks, and the adapter's evaluation."""
     from .hub.cards import kind_of, write_card
 
-    path = write_card(folder, force=force)
+    path = write_card(folder, force=force, results=eval_)
     err_console.print(f"wrote {path} ({kind_of(folder).kind} adapter)", soft_wrap=True)
 
 

@@ -5,7 +5,7 @@ or above it:
 
     core (0)  <  arithmetic (1)  <  training (2), serving (2)  <  evaluate (3), hub (3)  <  cli, demo
 
-``errors``, ``progress`` and the package's ``__version__`` are leaves any module may import (and
+``errors``, ``progress``, ``quiet`` and the package's ``__version__`` are leaves any module may import (and
 they import nothing of the package). Every import counts, lazy ones inside functions included.
 The module graph must also have no loop, within a wing or across wings.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "lora_unlearn"
 RANK = {"core": 0, "arithmetic": 1, "training": 2, "serving": 2, "evaluate": 3, "hub": 3}
 TOP = {"cli", "demo"}  # and the package's own __init__ (the public API): may import anything
-LEAVES = {"errors", "progress"}
+LEAVES = {"errors", "progress", "quiet"}
 LEAF_NAMES = {"__version__"}  # what may be imported from the package root itself
 
 

@@ -218,3 +218,15 @@ def test_add_refuses_mismatched_shapes(d1):
     other = make_adapter({"a.q_proj": (7, 5, 3)}, alpha=8, rslora=False, seed=2)
     with pytest.raises(UserError, match="module a.q_proj has different shapes"):
         add(d1, other)
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: add concatenates ranks; DESIGN sections 2 and 5 require the "
+                   "canonical QR + SVD factorisation so that no input's factors survive in the sum")
+def test_add_keeps_no_input_factor_verbatim():
+    # K - F stored by rank concatenation holds F's A rows as they are: anyone can read F out of the "unlearned" adapter.
+    K = make_adapter({"a.q_proj": (6, 5, 3)}, seed=1)
+    F = make_adapter({"a.q_proj": (6, 5, 2)}, seed=2)
+    out = add(K, negate(F)).modules["a.q_proj"]
+    assert_close(dw(out), dw(K.modules["a.q_proj"]) - dw(F.modules["a.q_proj"]))
+    for row in F.modules["a.q_proj"].A:
+        assert not any(torch.allclose(row, r) or torch.allclose(row, -r) for r in out.A), "F's factor survived"

@@ -428,3 +428,27 @@ def test_temp_names_are_recognised():
 
     assert is_leftover_name(".out.tmp-123-abc_9") and is_leftover_name(".a.b.old-1-x")
     assert not is_leftover_name("out") and not is_leftover_name(".out.tmp-x-abc") and not is_leftover_name("a.tmp-1-b")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--merged", "--dtype", "bfloat16"], "--merged writes a float32 model: it takes no --for, --dtype or --max-rank"),
+    ([], "say what to export: --merged (a full model), --for vllm (a servable adapter) or --dtype bfloat16"),
+    (["--dtype", "int3"], "unknown dtype 'int3'. Available: bfloat16, float16, float32"),
+    (["--for", "tgi"], "unknown server 'tgi'. Available: vllm, lorax"),
+])
+def test_export_bad_arguments_say_why(tmp_path, args, message):
+    """Each refused export names its reason and the valid choices, not only exit code 2
+    (tests/test_export.py's loop checks the code alone)."""
+    folder = adapter_dir(tmp_path)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["export", str(folder), str(tmp_path / "x"), *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert message in one_line(result.output), result.output
+    assert snapshot(tmp_path) == before
+
+
+def test_ask_with_a_missing_question_file_says_it_looks_like_a_path(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["ask", "--questions", "data/q", "--base", str(tiny_model_dir)])
+    assert result.exit_code == 2, result.output
+    assert "--questions 'data/q' looks like a file path, but there is no such file" in one_line(result.output)

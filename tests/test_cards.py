@@ -139,13 +139,30 @@ def test_card_refuses_a_foreign_readme(tmp_path):
 
 def test_push_refuses_forget_and_negated_adapters(trained, tmp_path):
     K, F = trained
-    for name, adapter in (("f", F), ("neg", negate(F)), ("sum", add(K, negate(F)))):
+    for name, adapter in (("neg", negate(F)), ("sum", add(K, negate(F)))):
         folder = save_adapter(adapter, tmp_path / name)
         with pytest.raises(UserError, match="--allow-forget-adapter") as e:
             push(folder, "me/repo", token="hf_unused", endpoint="http://127.0.0.1:9")
-        assert "export" in str(e.value) and "--merged" in str(e.value) and "\n" not in str(e.value)
+        assert kind_of(folder).kind == "negated" and "\n" not in str(e.value)
+        assert f"lora-unlearn export {folder} OUT --merged" in str(e.value)  # merging a negated one is the safe way
         result = runner.invoke(app, ["push", str(folder), "me/repo"])
         assert result.exit_code == 2 and "restores" in result.output
+
+
+def test_push_of_a_forget_adapter_never_advises_merging_it(trained, tmp_path):
+    """base + F is the knowledge itself: the refusal points to the unlearned result instead."""
+    _, F = trained
+    alone = save_adapter(F, tmp_path / "f")
+    with pytest.raises(UserError, match="must not be shared") as e:
+        push(alone, "me/repo", token="hf_unused", endpoint="http://127.0.0.1:9")
+    assert kind_of(alone).kind == "forget" and f"export {alone}" not in str(e.value)
+    assert "the unlearned result" in str(e.value) and "--allow-forget-adapter" in str(e.value)
+    step = save_adapter(F, tmp_path / "run" / "steps" / "forget_adapter")
+    result_dir = save_adapter(negate(F), tmp_path / "run" / "adapter")
+    result = runner.invoke(app, ["push", str(step), "me/repo"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"export {step}" not in said
+    assert f"lora-unlearn export {result_dir} OUT --merged" in said
 
 
 def test_push_validates_then_fails_clearly_without_the_hub(trained, tmp_path):
@@ -169,3 +186,26 @@ def test_push_without_a_token_says_how_to_log_in(tmp_path):
                             env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2, result.stderr
     assert "no Hugging Face token" in result.stderr and "hf auth login" in result.stderr
+
+
+def test_card_finds_the_evaluation_under_the_run_folder(trained, tmp_path):
+    """`eval --out RUN/eval` then `card RUN/adapter`: the card shows the results of that adapter only."""
+    K, F = trained
+    adapter = save_adapter(add(K, negate(F)), tmp_path / "run" / "adapter")
+    other = save_adapter(K, tmp_path / "run" / "steps" / "knowledge")
+    sha = load_adapter(adapter).lineage["sha256"]
+    ev = tmp_path / "run" / "eval"
+    ev.mkdir()
+    (ev / "results.json").write_text(json.dumps({"adapters": [{"path": "moved/away", "sha256": sha, "scale": 1.0}],
+                                                 "summary": {"forget_quality": 0.42}}))
+    assert runner.invoke(app, ["card", str(adapter)]).exit_code == 0
+    assert "| forget_quality | 0.42 |" in (adapter / CARD_NAME).read_text()
+    assert runner.invoke(app, ["card", str(other)]).exit_code == 0  # not the adapter that was evaluated
+    assert "forget_quality" not in (other / CARD_NAME).read_text()
+    elsewhere = tmp_path / "mine"
+    elsewhere.mkdir()
+    (elsewhere / "results.json").write_text(json.dumps({"summary": {"model_utility": 0.31}}))
+    assert runner.invoke(app, ["card", str(other), "--eval", str(elsewhere)]).exit_code == 0
+    assert "| model_utility | 0.31 |" in (other / CARD_NAME).read_text()
+    bad = runner.invoke(app, ["card", str(other), "--eval", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and "no results.json there" in bad.output

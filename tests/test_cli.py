@@ -94,6 +94,12 @@ def test_learn_then_ask_on_a_local_model(tiny_model_dir, qa_file, tmp_path):
                   "--r", "4", "--batch-size", "3", "--max-length", "64")
     assert result.exit_code == 0, result.output
     assert load_adapter(out).lineage["made_by"]["data"]["train"]["rows"] == 3
+    # Two epochs of a tiny model learn none of the 3 rows: the report says so and names the knobs.
+    said = " ".join(result.output.split())
+    learned = load_adapter(out).lineage["made_by"]["learned"]
+    assert learned["rows"] == 3 and learned["learned"] < 3
+    assert f"learned {learned['learned']} of 3 rows" in said
+    assert f"warning: {3 - learned['learned']} of 3 rows are not learned" in said and "--min-steps" in said
     on = _run("learn", "--data", qa_file, "--out", tmp_path / "f", "--base", tiny_model_dir, "--epochs", "1",
               "--on", f"{out}:-0.5", "--max-length", "64")
     assert on.exit_code == 0, on.output
@@ -101,6 +107,49 @@ def test_learn_then_ask_on_a_local_model(tiny_model_dir, qa_file, tmp_path):
     asked = _run("ask", "--questions", "What is the capital of Veloria?", "--base", tiny_model_dir,
                  "--adapter", f"{out}:1.0", "--max-new-tokens", "4")
     assert asked.exit_code == 0, asked.output
-    assert "Veloria" in asked.output
+    # The table shows the model's own greedy answer (not only the echoed question).
+    from lora_unlearn.core.inference import answer
+    from lora_unlearn.core.models import load_base
+    from lora_unlearn.core.stack import attached
+
+    model, tok, _ = load_base(str(tiny_model_dir), "nf4")
+    with attached(model, [(load_adapter(out), 1.0)]) as m:
+        want = answer(m, tok, ["What is the capital of Veloria?"], max_new_tokens=4)[0]
+    assert want.strip() and " ".join(want.split()) in " ".join(asked.output.replace("│", " ").split())
+    typo = _run("ask", "--questions", "questons.jsonl", "--base", tiny_model_dir)
+    assert typo.exit_code == 2 and "looks like a file path" in typo.output and "questons.jsonl" in typo.output
+    assert _run("ask", "--questions", "data/q", "--base", tiny_model_dir).exit_code == 2
     bad = _run("ask", "--questions", "hi", "--base", tiny_model_dir, "--adapter", f"{out}:lots")
     assert bad.exit_code == 2 and "DIR:SCALE" in bad.output
+
+
+QUIET_SCRIPT = """
+import sys
+from lora_unlearn.core.inference import answer
+from lora_unlearn.core.models import load_base
+from lora_unlearn.training.trainer import TrainConfig, train_adapter
+model, tok, _ = load_base(sys.argv[1], "nf4")
+train_adapter(model, tok, [{"question": "Capital of X?", "answer": "Y."}],
+              TrainConfig(max_steps=1, batch_size=1, r=4, max_length=64), progress=False)
+print(answer(model, tok, ["hi"], max_new_tokens=2))
+"""
+
+
+def test_a_model_load_and_training_print_none_of_the_known_harmless_messages(tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    from lora_unlearn.quiet import KNOWN_LOGS
+
+    def stderr(**env):
+        done = subprocess.run([sys.executable, "-c", QUIET_SCRIPT, str(tiny_model_dir)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    known = ["`is_gradient_checkpointing` is deprecated", "Loading weights", *KNOWN_LOGS.values()]
+    quiet = stderr()
+    assert not [k for k in known if k in quiet], quiet
+    loud = stderr(LORA_UNLEARN_VERBOSE="1")  # the same run, filter off: the messages are there to filter
+    assert "`is_gradient_checkpointing` is deprecated" in loud and "Loading weights" in loud

@@ -49,7 +49,7 @@ HELPER = textwrap.dedent("""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed writers vanish at once (no zombies)
     print("ready", flush=True)
     for line in sys.stdin:
-        out, exchange = line.split()
+        out, exchange, marker = line.split()
         pid = os.fork()
         if pid == 0:
             try:
@@ -60,6 +60,9 @@ HELPER = textwrap.dedent("""
                     def slow(self, target, rename=rename):
                         done = rename(self, target)
                         if ".old-" in str(target):
+                            if marker != "-":  # a targeted kill: say so, and wait in the gap to be killed
+                                open(marker, "w").close()
+                                time.sleep(5)
                             time.sleep(0.05)
                         return done
                     pathlib.Path.rename = slow
@@ -108,31 +111,49 @@ def which(adapter, old, new) -> str:
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
-def test_sigkill_mid_write_leaves_old_or_new(helper, tmp_path, exchange):
+def test_sigkill_mid_write_leaves_old_or_new(helper, tmp_path, tmp_path_factory, exchange):
     if exchange and fsutil._renameat2 is None:
         pytest.skip("no renameat2 on this system")
     old, new = make_adapter(SPECS, seed=1), make_adapter(SPECS, seed=2)
     out = tmp_path / "out"
     save_adapter(old, out)
     rng = random.Random(0 if exchange else 1)
-    seen, gaps = set(), 0
-    for _ in range(KILLS):
-        helper.stdin.write(f"{out} {int(exchange)}\n")
+    marker = tmp_path_factory.mktemp("gap-marker") / "in-gap"  # outside tmp_path: it holds only out and leftovers
+    seen, gaps, targeted = set(), 0, 0
+    for i in range(KILLS):
+        aim = not exchange and i % 2 == 1  # two renames: every other kill lands in the gap on purpose
+        marker.unlink(missing_ok=True)
+        helper.stdin.write(f"{out} {int(exchange)} {marker if aim else '-'}\n")
         helper.stdin.flush()
         pid = int(helper.stdout.readline())
-        time.sleep(rng.uniform(0.05, 0.8))
+        if aim:
+            deadline = time.monotonic() + 30
+            while not marker.exists():
+                assert time.monotonic() < deadline, "the writer never reached the gap"
+                time.sleep(0.002)
+            targeted += 1
+        else:
+            time.sleep(rng.uniform(0.05, 0.8))
         os.kill(pid, signal.SIGKILL)
         gone(pid)
         if exchange:
             assert out.is_dir(), "the output vanished although the exchange has no gap"
-        gaps += not out.exists()
+        in_gap = not out.exists()
+        if aim:  # killed between the two renames: the old folder is aside, the new one not yet in place
+            assert in_gap, "a kill inside the gap left the output in place: the gap was not where it was aimed"
+        gaps += in_gap
         seen.add(which(load_adapter(out), old, new))  # restores the old folder if killed in the gap
+        assert out.is_dir()  # the reader put it back
         for entry in tmp_path.iterdir():
             if entry.name != "out":
                 assert fsutil.is_leftover_name(entry.name), entry.name
                 with pytest.raises(UserError, match="temporary folder"):
                     load_adapter(entry)
     assert seen, "no kill was checked"
+    if exchange:
+        assert gaps == 0, "the atomic exchange has no gap, yet the output was missing after a kill"
+    else:  # the fallback's gap is real and was hit (at least by every aimed kill) and always undone
+        assert targeted == KILLS // 2 and gaps >= targeted, (gaps, targeted)
     save_adapter(new, out, overwrite=True)  # an ordinary write deletes the killed writers' leftovers
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert which(load_adapter(out), old, new) == "new"

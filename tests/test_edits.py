@@ -16,6 +16,7 @@ from lora_unlearn.core.stack import attached
 from lora_unlearn.core.text import mentions, mentions_any, repeats_ngram
 from lora_unlearn.errors import UserError
 from lora_unlearn.evaluate.edits import evaluate_edits, is_edited, probes, record_unedited
+from lora_unlearn.training.learn import learn
 from lora_unlearn.training.objectives.common import (
     answer_logits,
     kl_on_answers,
@@ -27,7 +28,13 @@ from lora_unlearn.training.objectives.common import (
 )
 from lora_unlearn.training.preservation import check_pool
 from lora_unlearn.training.sources import load_edits, load_locality, load_source, resource_path
-from lora_unlearn.training.trainer import StreamCollator, TrainConfig, learn, train_adapter
+from lora_unlearn.training.trainer import (
+    LEARNED_CHECK_MAX,
+    StopWhenLearned,
+    StreamCollator,
+    TrainConfig,
+    train_adapter,
+)
 
 runner = CliRunner()
 FACTS = [{"question": "What is the capital of Veloria?", "answer": "Marrenport."},
@@ -196,13 +203,27 @@ def test_the_preservation_stream_keeps_the_model_on_unrelated_prompts(loaded):
 def test_min_steps_and_the_stop_once_learned(loaded):
     model, tok, _ = loaded
     floor = train_adapter(model, tok, FACTS, tiny_config(max_steps=-1, epochs=1, min_steps=14), progress=False)
-    assert floor.lineage["steps"] == 14 and "learned" not in floor.lineage
+    assert floor.lineage["steps"] == 14 and floor.lineage["learned"]["stopped_early_at_step"] is None
+    assert floor.lineage["learned"]["rows"] == 2  # checked once at the end without the stop
     # The tiny model needs ~250 constant-lr steps to get every answer token of two short rows right.
     short = [{"question": "Capital of Veloria?", "answer": "Dun."}, {"question": "Who made the harp-drum?", "answer": "Osric."}]
     stopped = train_adapter(model, tok, short, tiny_config(max_steps=-1, epochs=1, min_steps=400, stop_when_learned=10, r=8,
                                                            lora_alpha=16, lr_scheduler="constant"), progress=False)
     assert stopped.lineage["learned"]["learned"] == 2 == stopped.lineage["learned"]["rows"]
     assert stopped.lineage["steps"] == stopped.lineage["learned"]["stopped_early_at_step"] < 400
+
+
+def test_the_learned_check_covers_every_distinct_row_not_the_first_32(loaded):
+    model, tok, _ = loaded
+    rows = [{"question": f"Capital of land {i}?", "answer": f"Town {i}."} for i in range(50)]
+    check = StopWhenLearned(tok, rows * 3, every=5, max_length=64)  # repeated rows count once
+    assert check.total == 50 and [len(b["input_ids"]) for b in check.batches] == [32, 18]
+    assert 0 <= check.check(model) <= 50
+    many = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(3 * LEARNED_CHECK_MAX)]
+    sampled = StopWhenLearned(tok, many, every=5, max_length=64)
+    assert sampled.total == LEARNED_CHECK_MAX
+    last = tok.decode(sampled.batches[-1]["input_ids"][-1], skip_special_tokens=True)
+    assert f"Q{3 * LEARNED_CHECK_MAX - 3}?" in last  # evenly spaced: the sample reaches the end of the file
 
 
 def test_learn_refuses_a_preservation_pool_that_mentions_the_facts(tmp_path):

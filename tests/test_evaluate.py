@@ -52,6 +52,18 @@ def test_truth_ratio_and_summaries():
         truth_ratio_summary(R, "holdout")
 
 
+def test_truth_ratio_summary_averages_rows_that_differ():
+    # forget: mean(min(R, 1/R)); R = [0.5, 1] -> min = [0.5, 1] -> (0.5 + 1) / 2 = 0.75
+    # (max would give 1, min 0.5, sum 1.5, 1/R alone 1.5)
+    R = torch.tensor([0.5, 1.0]).double()
+    assert truth_ratio_summary(R, "forget") == pytest.approx(0.75)
+    # R = [2, 4, 0.25]: min(R, 1/R) = [0.5, 0.25, 0.25] -> 1/3 (symmetric in R <-> 1/R)
+    assert truth_ratio_summary(torch.tensor([2.0, 4.0, 0.25]).double(), "forget") == pytest.approx(1 / 3)
+    # others: mean(max(0, 1 - R)); R = [0.5, 1] -> [0.5, 0] -> 0.25; R = [0.25, 2, 0.5] -> [0.75, 0, 0.5] -> 5/12
+    assert truth_ratio_summary(R, "retain") == pytest.approx(0.25)
+    assert truth_ratio_summary(torch.tensor([0.25, 2.0, 0.5]).double(), "real_authors") == pytest.approx(5 / 12)
+
+
 def test_probability_score():
     # P(a) = 1/2, P(p_j) = 1/4 and 1/8 -> 0.5 / (0.5 + 0.375)
     got = probability_score(torch.tensor([math.log(2)]), torch.tensor([[math.log(4), math.log(8)]]))

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from lora_unlearn.cli import app
 from lora_unlearn.core.adapter_io import load_adapter
 from lora_unlearn.errors import UserError
-from lora_unlearn.training.recipes import load_recipe
+from lora_unlearn.training.importance import load_importance
+from lora_unlearn.training.recipes import load_recipe, split_ref
 from lora_unlearn.training.runner import run_recipe
+from tests.tiny import assert_close, dw
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 NAMES = [p.stem for p in RECIPES]
@@ -63,6 +67,81 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(path, tiny, tiny_model_dir, tmp_
     lineage = json.loads((tmp_path / "run" / "adapter" / "lora_unlearn.json").read_text())["lineage"]
     assert lineage["op"] in {"add", "negate", "extrapolate", "learn"}
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["name"] == recipe.name
+    # the result's dW is the recipe's formula applied to what was trained (and each op step on the way)
+    want = expected_deltas(recipe, tmp_path / "run")
+    for step in recipe.steps:
+        if step.op:
+            got = _dense(load_adapter(tmp_path / "run" / "steps" / step.name))
+            assert got.keys() == want[step.name].keys(), step.name
+            for name, delta in want[step.name].items():
+                assert_close(got[name], delta, rtol=1e-4)
+    final = _dense(result)
+    assert final.keys() == want[recipe.output].keys()
+    for name, delta in want[recipe.output].items():
+        assert_close(final[name], delta, rtol=1e-4)
+    # and the formula is not vacuous: every trained adapter moved away from zero
+    assert all(max(float(d.abs().max()) for d in want[s.name].values()) > 0 for s in recipe.steps if s.train)
+
+
+def _dense(adapter) -> dict:
+    return {name: dw(m) for name, m in adapter.modules.items()}
+
+
+def _sum(terms: list[tuple[float, dict]]) -> dict:
+    out: dict = {}
+    for c, d in terms:
+        for name, delta in d.items():
+            out[name] = out.get(name, 0) + c * delta
+    return out
+
+
+def _best_rank(delta, k):
+    """Eckart-Young: the rank-k truncated SVD, computed here."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def expected_deltas(recipe, run: Path) -> dict[str, dict]:
+    """Each step's dW by the recipe's formula (DESIGN section 2 and 3), written out here.
+
+    Leaves are the input adapters and the trained steps (their saved folders); every op step is
+    computed from its inputs' *expected* dW, never from the library's intermediate results, so the
+    final adapter is checked against the whole chain (e.g. tv: dW_K - lam dW_F).
+    """
+    factors = {name: load_adapter(path) for name, path in recipe.adapters.items()}
+    want: dict[str, dict] = {name: _dense(a) for name, a in factors.items()}
+    for step in recipe.steps:
+        folder = run / "steps" / step.name
+        if step.train:
+            factors[step.name] = load_adapter(folder)
+            want[step.name] = _dense(factors[step.name])
+            continue
+        if step.importance:
+            want[step.name] = load_importance(folder / "importance.safetensors")[0]
+            continue
+        op, p = step.op, step.op.params
+        refs = [split_ref(r) for r in op.inputs]
+        if op.name in ("negate", "scale", "extrapolate"):
+            c = {"negate": -p.get("lam", 1.0), "scale": p.get("c", 1.0), "extrapolate": 1 + p.get("alpha", 0.0)}[op.name]
+            want[step.name] = _sum([(c, want[refs[0][0]])])
+        elif op.name == "add":
+            want[step.name] = _sum([(scale, want[name]) for name, scale in refs])
+        elif op.name in ("perta_b", "perta_dense"):
+            tau, I_f, I_r = (want[name] for name, _ in refs)
+            beta, eps, q = p.get("beta", 1.0), p.get("eps", 1e-8), p.get("p", 1.0)
+
+            def w(n):  # w = I_f^p / (I_f^p + beta I_r^p + eps)
+                return I_f[n].double() ** q / (I_f[n].double() ** q + beta * I_r[n].double() ** q + eps)
+
+            adapter = factors[refs[0][0]]
+            if op.name == "perta_b":  # s (w (.) B) A
+                want[step.name] = {n: m.scaling * (w(n) * m.B.double()) @ m.A.double() for n, m in adapter.modules.items()}
+            else:  # w (.) dW, then the best rank-r' approximation
+                want[step.name] = {n: _best_rank(w(n) * tau[n], p["rank"]) for n in tau}
+            factors[step.name] = load_adapter(folder)
+        else:
+            raise AssertionError(f"no formula written for op {op.name}: add one here")
+    return want
 
 
 def _write(tmp_path, text):
@@ -119,3 +198,63 @@ def test_cli_run_bad_recipe_exits_2_and_writes_nothing(tmp_path):
     missing = CliRunner().invoke(app, ["run", "recipes/tv.yaml", "--out", str(tmp_path / "out"),
                                        "--set", f"adapters.knowledge={tmp_path / 'nowhere'}"])
     assert missing.exit_code == 2 and "does not exist" in missing.output and not (tmp_path / "out").exists()
+
+
+HALFWAY = """name: halfway
+description: a step that fails after a finished one
+reference: test
+data: {forget: {source: "tofu-mini:forget01", limit: 3}}
+train_defaults: {r: 4, lora_alpha: 8, max_steps: 2, batch_size: 2, max_length: 512}
+steps:
+  - name: f
+    train: {objective: nll, data: {train: forget}}
+  - name: c
+    op: {name: compress, inputs: [f], params: {rank: 99}}
+output: c
+"""
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_a_step_failing_halfway_writes_nothing_half_done(tiny, tiny_model_dir, tmp_path):
+    """Step 2 of 2 fails at run time (rank 99 > the layers' rank): OUT is not replaced (its old content
+    stays byte for byte), OUT.partial holds only the finished step, complete. A resume with other
+    settings is refused without touching it; a resume of the same recipe reads the step back
+    (not retrained) and fails the same way; after deleting OUT.partial the fixed recipe runs."""
+    loaded, _ = tiny
+    path = _write(tmp_path, HALFWAY)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous result")
+    sets = [f"base.model={tiny_model_dir}"]
+    failing, fixed = load_recipe(path, sets), load_recipe(path, sets + ["steps.1.op.params.rank=2"])
+    with pytest.raises(UserError, match="between 1 and"):
+        run_recipe(failing, out, overwrite=True, loaded=loaded, checkpoint_every=0)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and (out / "old.txt").read_text() == "the previous result"
+    partial = tmp_path / "run.partial"
+    assert sorted(p.name for p in (partial / "steps").iterdir()) == ["f"]
+    assert not (partial / "adapter").exists() and not (partial / "run.json").exists()
+    assert [s["name"] for s in json.loads((partial / "progress.json").read_text())] == ["f"]
+    trained = load_adapter(partial / "steps" / "f")  # complete: it loads
+    assert trained.modules and all(m.rank == 4 for m in trained.modules.values())
+
+    before = _tree(partial)
+    with pytest.raises(UserError, match="belong to a different run"):
+        run_recipe(fixed, out, overwrite=True, loaded=loaded, resume=True, checkpoint_every=0)
+    assert _tree(partial) == before
+    with pytest.raises(UserError, match="between 1 and"):
+        run_recipe(failing, out, overwrite=True, loaded=loaded, resume=True, checkpoint_every=0)
+    after = _tree(partial)
+    assert {k: v for k, v in after.items() if k.startswith("steps")} == \
+        {k: v for k, v in before.items() if k.startswith("steps")}  # read back, not retrained
+    assert (out / "old.txt").read_text() == "the previous result"
+
+    shutil.rmtree(partial)
+    run_recipe(fixed, out, overwrite=True, loaded=loaded, checkpoint_every=0)
+    assert not partial.exists() and not (out / "old.txt").exists()
+    result, trained = load_adapter(out / "adapter"), load_adapter(out / "steps" / "f")
+    for name, m in trained.modules.items():  # Eckart-Young, by SVD here
+        u, sv, vh = torch.linalg.svd(dw(m), full_matrices=False)
+        assert_close(dw(result.modules[name]), (u[:, :2] * sv[:2]) @ vh[:2], rtol=1e-4)

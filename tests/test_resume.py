@@ -28,8 +28,9 @@ from lora_unlearn.cli import app
 from lora_unlearn.core.data import load_qa
 from lora_unlearn.core.models import load_base
 from lora_unlearn.errors import UserError
-from lora_unlearn.training.jobs import Checkpoints, work_dir
-from lora_unlearn.training.trainer import TrainConfig, learn, train_adapter
+from lora_unlearn.training.jobs import Checkpoints, last_checkpoint, work_dir
+from lora_unlearn.training.learn import learn
+from lora_unlearn.training.trainer import TrainConfig, train_adapter
 
 RECIPE = """name: resume_check
 base: {{model: "{model}", quantization: nf4}}
@@ -179,3 +180,35 @@ def test_checkpoints_of_another_run_are_refused(tiny_model_dir, qa_file, tmp_pat
     fresh = learn(rows, tmp_path / "b", loaded=loaded, config=config, progress=False, preserve=None)
     assert all(torch.equal(resumed.modules[n].B, fresh.modules[n].B) for n in fresh.modules)
     assert not work_dir(out).exists() and out.is_dir()
+
+
+def test_ctrl_c_during_learn_says_where_the_checkpoint_is_and_how_to_resume(tiny_model_dir, tmp_path):
+    import shlex
+
+    data = _qa(tmp_path / "qa.jsonl", 12, "zorp")
+    out = tmp_path / "k"
+    args = ["learn", "--data", str(data), "--base", str(tiny_model_dir), "--max-steps", "200", "--batch-size", "2",
+            "--r", "4", "--alpha", "8", "--max-length", "64", "--preserve", "none", "--out", str(out),
+            "--checkpoint-every", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "lora_unlearn.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    try:
+        while last_checkpoint(work_dir(out) / "checkpoints") is None:  # a complete one (its state file parses)
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    said = " ".join(err.split())
+    assert f"progress is kept in {work_dir(out)}" in said and "latest checkpoint checkpoint-" in said
+    command = said.split("continue with: ", 1)[1]
+    assert command.startswith("lora-unlearn learn ") and command.endswith(" --resume")
+    assert not out.exists() and "Traceback" not in err
+    resumed = CliRunner().invoke(app, shlex.split(command)[1:])  # the printed command, as given
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output and load_file(out / "adapter_model.safetensors")

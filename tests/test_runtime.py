@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -93,6 +94,35 @@ def test_mixed_batch_equals_each_row_alone_and_dense_weights(full, forget, other
         if row:  # the adapters matter: a wrong coefficient could not pass
             assert (mixed[i] - base_logits[i]).abs().max() > 0.05
     torch.testing.assert_close(mixed[0], base_logits[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("order", [("other", "forget"), ("forget", "other")])
+def test_load_order_does_not_change_any_row(full, forget, other, input_ids, order):
+    """The partial adapter (q/v/down) loaded first: layers it does not target hold only the all-linear
+    adapter's columns, and those must still read the all-linear adapter's coefficient (its key 1 in
+    load order), not the first adapter's (position 0 in that layer's layout)."""
+    model, tok, _ = full
+    base = copy.deepcopy(model)
+    adapters = {"forget": forget, "other": other}
+    rt = ForgetRuntime(model, tok)
+    for name in order:
+        rt.load(name, adapters[name])
+    # rows where the two coefficients differ, so a column read from the wrong adapter changes the row
+    rows = [{"forget": 1.0}, {"other": 1.0}, {"forget": 0.5, "other": -2.0}, {"forget": -1.0, "other": 3.0}]
+    mixed = rt.forward(input_ids[:4], None, rows)
+    for i, row in enumerate(rows):
+        dense = logits(dense_reference(base, row, adapters), input_ids[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], dense, atol=ATOL, rtol=0)
+    rt.set_coefficients(rows)  # the (batch, K) tensor's columns follow load order
+    assert rt.coefficient_tensor()[:, list(order).index("forget")].tolist() == [1.0, 0.0, 0.5, -1.0]
+    rt.set_coefficients(None)
+    # unloading the first one shifts the survivor to key 0: still exact
+    rt.unload(order[0])
+    kept = order[1]
+    alone = rt.forward(input_ids[:2], None, [{kept: 1.0}, {kept: -0.5}])
+    for i, c in enumerate((1.0, -0.5)):
+        dense = logits(dense_reference(base, {kept: c}, adapters), input_ids[i:i + 1])
+        torch.testing.assert_close(alone[i:i + 1], dense, atol=ATOL, rtol=0)
 
 
 def test_nf4_mixed_batch_equals_each_row_alone_and_peft(nf4, tiny_model_dir, forget, other, input_ids):
@@ -210,6 +240,48 @@ def test_errors_name_the_problem(full, forget, other, tmp_path, input_ids):
         ForgetRuntime(get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])), tok)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, True, "1", None, [1.0]])
+def test_strength_bounds(full, forget, other, input_ids, bad):
+    """A strength must be a finite number (negatives and values past 1 are allowed): a refused one
+    changes nothing, neither the loaded adapters nor the coefficients in force."""
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+    rt.set_coefficients([{"forget": 1.0}])
+    in_force = logits(model, input_ids[:1])
+    with pytest.raises(UserError, match=r"coefficient of 'forget' must be a (finite )?number"):
+        rt.set_coefficients([{"forget": bad}])
+    with pytest.raises(UserError, match=r"coefficient of 'forget' must be a (finite )?number"):
+        rt.forward(input_ids[:2], None, [{}, {"forget": bad}])
+    with pytest.raises(UserError, match=r"coefficient of 'third' must be a (finite )?number"):
+        rt.load("third", forget, default=bad)
+    assert list(rt.adapters()) == ["forget", "other"]
+    assert torch.equal(rt.coefficient_tensor(), torch.tensor([[1.0, 0.0]]))
+    assert torch.equal(logits(model, input_ids[:1]), in_force)
+
+
+def test_strength_is_linear_and_zero_is_off(full, forget, input_ids):
+    """c = 0 runs the base exactly (the low-rank path is skipped); c = -3 and c = 8 (past the usual [0, 1])
+    equal the dense model W + c dW."""
+    model, tok, _ = full
+    base = copy.deepcopy(model)
+    rt = ForgetRuntime(model, tok)
+    rt.load("forget", forget)
+    rows = [{"forget": 0.0}, {"forget": -3.0}, {"forget": 8.0}]
+    out = rt.forward(input_ids[:3], None, rows)
+    assert torch.equal(out[:1], logits(base, input_ids[:1]))
+    for i in (1, 2):
+        torch.testing.assert_close(out[i:i + 1], logits(dense_reference(base, rows[i], {"forget": forget}),
+                                                        input_ids[i:i + 1]), atol=ATOL, rtol=0)
+
+
+def test_a_strength_beyond_float32_is_refused(full, forget):
+    model, tok, _ = full
+    rt = ForgetRuntime(model, tok)
+    rt.load("forget", forget)
+    with pytest.raises(UserError, match="finite"):
+        rt.set_coefficients([{"forget": 1e39}])  # float(torch.tensor(1e39, dtype=torch.float32)) == inf
+
+
 def test_loads_a_saved_folder_with_its_sha256(full, forget, tmp_path, input_ids):
     from lora_unlearn.core.adapter_io import save_adapter
 
@@ -223,6 +295,67 @@ def test_loads_a_saved_folder_with_its_sha256(full, forget, tmp_path, input_ids)
     rt.unload("forget")
     rt.load("forget", forget, default=-0.5)
     torch.testing.assert_close(from_folder, logits(model, input_ids), atol=ATOL, rtol=0)
+
+
+# ---- the batcher over the runtime: more requests than max_batch, adapters changed in flight ------
+
+PROMPT = "What is the capital of Veloria?"
+
+
+def test_more_requests_than_max_batch_each_get_their_own_answer(full, forget, other):
+    """Six requests (eight rows) at max_batch 3: batches never exceed 3 rows, a request's rows stay
+    together, and every answer equals that request run alone."""
+    from lora_unlearn.serving.batcher import Batcher, Job
+
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+    requests = [([PROMPT], [{}]), (["Who invented it?", PROMPT], [{"forget": 1.0}, {"forget": 8.0, "other": -3.0}]),
+                ([PROMPT], [{"forget": 8.0, "other": -3.0}]), (["Numbers 0123"], [{"forget": -1.0}]),
+                ([PROMPT, "Who invented it?"], [{"other": 2.0}, {}]), (["Numbers 0123"], [{}])]
+    alone = [[rt.generate([p], [f], max_new_tokens=6)[0] for p, f in zip(*r)] for r in requests]  # before the worker
+    assert alone[0] != alone[2]  # the settings matter
+    batcher = Batcher(rt, max_batch=3, window_s=0.2)
+    try:
+        with rt.lock:  # the worker waits for the lock: every request is queued before the first batch runs
+            futures = [batcher.submit(Job(list(p), list(f), 6, True)) for p, f in requests]
+        got = [[text for text, _ in fut.result(timeout=120)["outputs"]] for fut in futures]
+    finally:
+        batcher.close()
+    assert got == alone
+    stats = batcher.stats
+    # rows 1+2 | 1+1 | 2+1 by the batcher's rule (fill up to 3 rows, a request never split): 3 batches of <= 3 rows
+    assert stats["rows"] == 8 and stats["max_batch_rows"] == 3 and stats["batches"] == 3, stats
+
+
+def test_adapters_loaded_and_unloaded_while_requests_wait(full, forget, other):
+    """Requests queued while the lock is held (a load or unload in progress): one naming an adapter
+    unloaded meanwhile gets a 400 that says so; one naming an adapter loaded meanwhile uses it; the
+    rest run as if nothing changed (a new adapter's default 0 leaves them alone)."""
+    from lora_unlearn.serving.batcher import Batcher, Job
+    from lora_unlearn.serving.schemas import ApiError
+
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+    want = {c: rt.generate([PROMPT], [f], max_new_tokens=6)[0]
+            for c, f in (("plain", {}), ("forget", {"forget": 8.0}), ("both", {"forget": 8.0, "other": -3.0}))}
+    assert len(set(want.values())) == 3  # three different answers (decoded text: some strengths look alike)
+    batcher = Batcher(rt, max_batch=8, window_s=0.05)
+    try:
+        with rt.lock:
+            futures = [batcher.submit(Job([PROMPT], [f], 6, True))
+                       for f in ({"forget": 8.0, "other": -3.0}, {"forget": 8.0}, {}, {"forget": 8.0, "late": -3.0})]
+            time.sleep(0.1)  # past the batching window: the worker holds the batch and waits for the lock
+            rt.unload("other")
+            rt.load("late", other)  # the same weights under a new name, default 0
+        with pytest.raises(ApiError) as e:
+            futures[0].result(timeout=120)
+        assert e.value.status == 400 and e.value.code == "unknown_adapter"
+        assert "adapter 'other' was unloaded while the request waited. Loaded: forget, late" in e.value.message
+        assert [f.result(timeout=120)["outputs"][0][0] for f in futures[1:]] == [want["forget"], want["plain"],
+                                                                               want["both"]]
+        assert batcher.stats["errors"] == 0 and batcher.stats["rows"] == 3
+    finally:
+        batcher.close()
 
 
 @pytest.mark.slow

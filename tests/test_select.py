@@ -132,4 +132,22 @@ def test_run_select_on_the_command_line(tv_run, tiny_model_dir, tmp_path):
     assert load_adapter(out / "selected").modules
     bad = CliRunner().invoke(app, args[:-4] + ["--select", "unlearned.lam"])
     assert bad.exit_code == 2 and "STEP.PARAM=V1,V2" in bad.output
-    assert not (tmp_path / "tv2").exists()
+    # A misspelled key stops before any training, names the fix, and writes nothing.
+    typo = args[:-6] + ["--select", "unlearned.lamm=0.5,1"] + args[-4:]
+    typo[typo.index("--out") + 1] = str(tmp_path / "typo")
+    bad = CliRunner().invoke(app, typo)
+    assert bad.exit_code == 2, bad.output
+    assert "no parameter 'lamm'; did you mean 'lam'?" in " ".join(bad.output.split())
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "typo.partial").exists()
+    bad = CliRunner().invoke(app, [a.replace("unlearned.lamm", "unlearnd.lam") for a in typo])
+    assert bad.exit_code == 2 and "did you mean 'unlearned'?" in " ".join(bad.output.split())
+    # A second selection does not replace the first without --overwrite.
+    again = ["select", str(out), "--param", "unlearned.lam", "--values", "1,2", "--holdout", "tofu-mini:retain",
+             "--holdout-rows", "396:400"]
+    before = (out / "selected" / "adapter_model.safetensors").read_bytes()
+    refused = CliRunner().invoke(app, again)
+    assert refused.exit_code == 2 and "already exists" in refused.output and "--overwrite" in refused.output
+    assert (out / "selected" / "adapter_model.safetensors").read_bytes() == before
+    replaced = CliRunner().invoke(app, again + ["--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "selection.json").read_text())["points"][0]["value"] == 1.0

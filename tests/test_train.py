@@ -14,7 +14,8 @@ from lora_unlearn.core.inference import answer, answer_nll
 from lora_unlearn.core.models import load_base
 from lora_unlearn.core.stack import attached
 from lora_unlearn.errors import UserError
-from lora_unlearn.training.trainer import TrainConfig, learn
+from lora_unlearn.training.learn import learn
+from lora_unlearn.training.trainer import TrainConfig
 
 FAST = TrainConfig(r=4, lora_alpha=8, epochs=30, batch_size=3, learning_rate=3e-2, max_length=64)
 

@@ -165,15 +165,58 @@ def _find_upwards(folder: Path, fname: str, levels: int = 2) -> Path | None:
 
 
 
-def _read_results(folder: Path) -> dict[str, Any] | None:
-    path = _find_upwards(folder, "results.json", levels=1)
-    if path is None:
-        return None
+def _load_results(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _evaluated(results: dict[str, Any], folder: Path, weights_sha: str | None) -> bool:
+    """Whether ``results`` (an ``eval`` output) evaluated the adapter in ``folder``."""
+    for entry in results.get("adapters") or []:
+        if not isinstance(entry, dict):
+            continue
+        if weights_sha and entry.get("sha256") == weights_sha:
+            return True
+        path = entry.get("path")
+        if isinstance(path, str) and Path(path).resolve() == folder.resolve():
+            return True
+    return False
+
+
+def find_results(folder: str | Path, weights_sha: str | None = None) -> Path | None:
+    """The evaluation to show on ``folder``'s card: ``results.json`` in the folder or its parent, else the
+    newest ``results.json`` anywhere under the run folder (``eval --out RUN/eval``) that evaluated this
+    adapter (by weights digest or path)."""
+    folder = Path(folder)
+    near = _find_upwards(folder, "results.json", levels=1)
+    if near is not None:
+        return near
+    run = folder.parent.parent if folder.parent.name == "steps" else folder.parent
+    found = [p for depth in ("*/results.json", "*/*/results.json", "*/*/*/results.json") for p in run.glob(depth)]
+    matching = [p for p in found if (r := _load_results(p)) is not None and _evaluated(r, folder, weights_sha)]
+    return max(matching, key=lambda p: p.stat().st_mtime) if matching else None
+
+
+def _read_results(folder: Path, results: Path | None = None) -> dict[str, Any] | None:
+    if results is None:
+        weights = folder / WEIGHTS_NAME
+        results = find_results(folder, sha256_file(weights) if weights.is_file() else None)
+    return None if results is None else _load_results(results)
+
+
+def _results_file(given: str | Path | None) -> Path | None:
+    if given is None:
+        return None
+    path = Path(given)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"--eval {given}: no results.json there; pass an `lora-unlearn eval --out` folder or its results.json")
+    if _load_results(path) is None:
+        raise UserError(f"--eval {path}: not a JSON object of results (written by `lora-unlearn eval`)")
+    return path
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -200,11 +243,13 @@ def check_ours(folder: str | Path, force: bool = False) -> None:
                         "(or move it away first)")
 
 
-def save_card(folder: str | Path, adapter, name: str | None = None, force: bool = False) -> Path:
+def save_card(folder: str | Path, adapter, name: str | None = None, force: bool = False,
+              results: str | Path | None = None) -> Path:
     """(Re)write ``folder/README.md`` for ``adapter`` from its lineage, the results and the recipe found beside it.
 
     ``name`` defaults to the folder's name. A README.md that this library did not write is
-    replaced only with ``force``.
+    replaced only with ``force``. ``results``: an ``eval`` output (results.json or its folder);
+    default: :func:`find_results`.
     """
     folder = Path(folder)
     check_ours(folder, force)
@@ -212,6 +257,6 @@ def save_card(folder: str | Path, adapter, name: str | None = None, force: bool 
     recipe_text, forget_steps = recipe_for(folder, name)
     weights = folder / WEIGHTS_NAME
     text = render_card(adapter, name, weights_sha256=sha256_file(weights) if weights.is_file() else None,
-                       results=_read_results(folder), recipe_text=recipe_text, forget_steps=forget_steps)
+                       results=_read_results(folder, _results_file(results)), recipe_text=recipe_text, forget_steps=forget_steps)
     _write_text_atomic(folder / CARD_NAME, text)
     return folder / CARD_NAME

@@ -32,7 +32,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
                         "expected JSON Lines in UTF-8; re-save the file as UTF-8") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines separates records by "\n" only: str.splitlines() would also break at U+0085,
+    # U+2028 and U+2029, which JSON allows raw inside strings (json.dumps(ensure_ascii=False)).
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

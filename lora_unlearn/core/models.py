@@ -134,8 +134,10 @@ def load_base(name: str = DEFAULT_MODEL, quantization: str = "nf4", device: str 
     4-bit weights in that float dtype instead of uint8: FSDP and DeepSpeed ZeRO-3 can only shard
     float tensors (see recipes/accelerate/README.md).
     """
+    from ..quiet import no_loading_bar, quiet_known_messages
     from .fsutil import pickle_is_allowed
 
+    quiet_known_messages()
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}. Available: {', '.join(QUANTIZATIONS)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -153,9 +155,10 @@ def load_base(name: str = DEFAULT_MODEL, quantization: str = "nf4", device: str 
         "none": None,
     }[quantization]
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
-                                                     device_map={"": device}, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=None if pickle_ok else True)
+        with no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
+                                                         device_map={"": device}, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=None if pickle_ok else True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

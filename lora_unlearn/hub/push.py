@@ -19,11 +19,27 @@ from ..errors import UserError
 UPLOADED = ("adapter_config.json", "adapter_model.safetensors", "lora_unlearn.json", "README.md", "results.json")
 
 
+def _unlearned_result(folder: Path) -> Path | None:
+    """The recipe run's output next to a step folder (``RUN/steps/NAME`` -> ``RUN/adapter``), if any."""
+    folder = Path(folder)
+    if folder.parent.name == "steps" and (folder.parent.parent / "adapter" / "adapter_config.json").is_file():
+        return folder.parent.parent / "adapter"
+    return None
+
+
 def refusal(kind: Kind, folder: str | Path) -> str:
-    return (f"{folder} is a {kind.kind} adapter ({'; '.join(kind.reasons)}): "
-            f"{RESTORE_WARNING[kind.kind].replace('**', '')} To share the unlearned model without the knowledge, "
-            f"push a merged model instead (`lora-unlearn export {folder} OUT --merged`, then upload OUT); "
-            "to push this adapter anyway, pass --allow-forget-adapter")
+    head = f"{folder} is a {kind.kind} adapter ({'; '.join(kind.reasons)}): {RESTORE_WARNING[kind.kind].replace('**', '')} "
+    tail = "To push it anyway, pass --allow-forget-adapter."
+    if kind.kind == "forget":
+        # Merging F into the base would make the knowledge itself: never advise that.
+        result = _unlearned_result(Path(folder))
+        where = (f"the unlearned result, {result} (e.g. `lora-unlearn export {result} OUT --merged`, then upload OUT)"
+                 if result else "the unlearned result (the recipe's output adapter, e.g. RUN/adapter), merged with "
+                 "`lora-unlearn export RESULT OUT --merged`")
+        return (head + "It holds the knowledge and must not be shared, as an adapter or merged into the base "
+                f"(base + this adapter is the knowledge itself). Share {where}. " + tail)
+    return (head + "To share the unlearned model without the knowledge, push a merged model instead "
+            f"(`lora-unlearn export {folder} OUT --merged`, then upload OUT). " + tail)
 
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, allow_forget_adapter: bool = False,

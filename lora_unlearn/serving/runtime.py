@@ -132,12 +132,15 @@ class _Loaded:
         return out
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"coefficient of {name!r} must be a number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
-        raise UserError(f"coefficient of {name!r} must be a finite number, got {value}")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:  # coefficients are stored in float32
+        raise UserError(f"coefficient of {name!r} must be a finite number (within float32, |c| <= 3.4e38), got {value}")
     return value
 
 

@@ -115,7 +115,7 @@ def parse_common(body: dict[str, Any], allowed: set[str], limits: Limits, loaded
         if name not in loaded:
             raise ApiError(400, f"unknown adapter {name!r} in forget. Loaded: {', '.join(loaded) or '(none)'}",
                            "forget", "unknown_adapter")
-        if not is_number(strength) or not math.isfinite(strength):
+        if not is_number(strength) or not math.isfinite(strength) or abs(strength) > 3.4028234663852886e38:
             raise ApiError(400, f"forget strength of {name!r} must be a finite number, got {strength!r}", "forget")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []

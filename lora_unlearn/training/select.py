@@ -38,6 +38,40 @@ def parse_target(target: str) -> tuple[str, str]:
     return step, param
 
 
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'lam'?"`` for a close match among ``choices``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_target(recipe, target: str, where: str = "--select") -> tuple[str, str]:
+    """``(step, param)`` of ``target`` checked against ``recipe`` before any work: the step exists, is an
+    arithmetic op with that parameter, and only arithmetic follows it (a sweep cannot retrain)."""
+    from .recipes import OP_PARAMS
+
+    step_name, param = parse_target(target)
+    names = [s.name for s in recipe.steps]
+    if step_name not in names:
+        raise UserError(f"{where} {target!r}: the recipe {recipe.name!r} has no step {step_name!r}"
+                        f"{did_you_mean(step_name, names)} (steps: {', '.join(names)})")
+    start = names.index(step_name)
+    step = recipe.steps[start]
+    if step.op is None:
+        raise UserError(f"{where} {target!r}: step {step_name!r} is not an arithmetic op (it trains or estimates); sweep an op's "
+                        "parameter (negate's lam, extrapolate's alpha, scale's c)")
+    allowed = sorted(OP_PARAMS[step.op.name])
+    if param not in allowed:
+        raise UserError(f"{where} {target!r}: step {step_name!r} ({step.op.name}) has no parameter {param!r}"
+                        f"{did_you_mean(param, allowed)} (its parameters: {', '.join(allowed) or 'none'})")
+    later = [s.name for s in recipe.steps[start:] if s.op is None]
+    if later:
+        raise UserError(f"{where} {target!r}: steps after {step_name!r} train or estimate ({', '.join(later)}); "
+                        "a sweep can only redo arithmetic")
+    return step_name, param
+
+
 def parse_values(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -73,18 +107,9 @@ class RunArtifacts:
         """The run's output adapter with ``step_name``'s ``param`` set to ``value``."""
         from .runner import apply_op
 
+        check_target(self.recipe, f"{step_name}.{param}", where=str(self.dir))
         names = [s.name for s in self.recipe.steps]
-        if step_name not in names:
-            raise UserError(f"{self.dir}: no step {step_name!r}. Steps: {', '.join(names)}")
         start = names.index(step_name)
-        step = self.recipe.steps[start]
-        if step.op is None:
-            raise UserError(f"{self.dir}: step {step_name!r} is not an arithmetic op; sweep an op's parameter "
-                            "(negate's lam, extrapolate's alpha, scale's c)")
-        later = [s.name for s in self.recipe.steps[start:] if s.op is None]
-        if later:
-            raise UserError(f"{self.dir}: steps after {step_name!r} train or estimate ({', '.join(later)}); "
-                            "a sweep can only redo arithmetic")
         artifacts = dict(self.artifacts)
         for s in self.recipe.steps[start:]:
             op = s.op
@@ -149,12 +174,18 @@ def sweep(model, tokenizer, run: RunArtifacts, target: str, values: list[float],
 
 def select_run(run_dir: str | Path, target: str, values: list[float], *, forget_rows: list[dict],
                holdout_rows: list[dict], budget: float = 0.05, batch_size: int = 16, loaded=None,
-               progress=None) -> dict[str, Any]:
-    """Sweep a finished run and write ``RUN/selection.json`` and ``RUN/selected`` (the chosen adapter)."""
+               progress=None, overwrite: bool = False) -> dict[str, Any]:
+    """Sweep a finished run and write ``RUN/selection.json`` and ``RUN/selected`` (the chosen adapter).
+
+    An existing ``RUN/selected`` is refused unless ``overwrite`` (then replaced once the new one is complete).
+    """
     from ..core.adapter_io import save_adapter
     from ..core.models import load_base
 
     run = RunArtifacts(run_dir)
+    check_target(run.recipe, target)
+    if (run.dir / "selected").exists() and not overwrite:
+        raise UserError(f"{run.dir / 'selected'} already exists (an earlier selection): pass --overwrite to replace it")
     model, tokenizer, _ = loaded or load_base(run.recipe.base.model, run.recipe.base.quantization)
     result = sweep(model, tokenizer, run, target, values, forget_rows=forget_rows, holdout_rows=holdout_rows,
                    budget=budget, batch_size=batch_size, progress=progress)

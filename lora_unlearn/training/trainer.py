@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ..core.adapter import Adapter
-from ..core.adapter_io import modules_from_tensors, save_adapter
+from ..core.adapter_io import modules_from_tensors
 from ..core.data import encode_qa, fingerprint, fitting, to_dataset
 from ..core.stack import TRAINABLE, attached
 from ..errors import UserError
@@ -44,13 +43,8 @@ from .jobs import (
     CHECKPOINT_WEIGHTS,
     Checkpoints,
     adapter_digest,
-    claim,
-    cleanup_unless_resumable,
     is_main_process,
     open_job,
-    sharded_quant_storage,
-    wait_for_everyone,
-    work_dir,
     world_size,
 )
 
@@ -80,7 +74,7 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # At least this many optimizer steps (epochs are extended): a handful of facts is one batch per epoch.
     min_steps: int = 0
-    # Every N optimizer steps, stop once the first 32 rows being learned (train or update stream) are learned (teacher-forced argmax
+    # Every N optimizer steps, stop once the rows being learned (train or update stream) are learned (teacher-forced argmax
     # equals the answer at every answer token); 0: off.
     stop_when_learned: int = 0
 
@@ -190,7 +184,8 @@ class StreamEpoch(TrainerCallback):
         self.dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)
 
 
-LEARNED_CHECK_ROWS = 32
+LEARNED_CHECK_ROWS = 32  # rows per forward pass of the learned check
+LEARNED_CHECK_MAX = 256  # rows checked at most (an evenly spaced sample past that)
 PRESERVE_ANSWER_TOKENS = 32  # answer tokens of a preservation row that the KL is taken on
 
 
@@ -210,23 +205,34 @@ def learned_rows(model, batch: dict[str, torch.Tensor]) -> list[bool]:
 
 
 class StopWhenLearned(TrainerCallback):
-    """Every ``every`` optimizer steps, check the first 32 rows; stop training once all are learned."""
+    """Every ``every`` optimizer steps, check the rows being learned; stop training once all are learned.
+
+    Every distinct row is checked (teacher-forced argmax, in chunks of ``LEARNED_CHECK_ROWS``) up to
+    ``LEARNED_CHECK_MAX`` rows; past that, an evenly spaced sample of that many, so a check never
+    looks at only the first rows of a file sorted by topic.
+    """
 
     def __init__(self, tokenizer, rows: list[dict[str, str]], every: int, max_length: int):
-        items = [encode_qa(tokenizer, r["question"], r["answer"], max_length) for r in rows[:LEARNED_CHECK_ROWS]]
-        self.batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(items)
+        distinct = list({(r["question"], r["answer"]): r for r in rows}.values())
+        if len(distinct) > LEARNED_CHECK_MAX:
+            step = len(distinct) / LEARNED_CHECK_MAX
+            distinct = [distinct[int(i * step)] for i in range(LEARNED_CHECK_MAX)]
+        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        items = [encode_qa(tokenizer, r["question"], r["answer"], max_length) for r in distinct]
+        self.batches = [pad(items[i:i + LEARNED_CHECK_ROWS]) for i in range(0, len(items), LEARNED_CHECK_ROWS)]
+        self.total = len(items)
         self.every = every
         self.learned: int | None = None
         self.stopped_at: int | None = None
 
     def check(self, model) -> int:
-        batch = {k: v.to(model.device) for k, v in self.batch.items()}
-        self.learned = sum(learned_rows(model, batch))
+        self.learned = sum(sum(learned_rows(model, {k: v.to(model.device) for k, v in b.items()}))
+                           for b in self.batches)
         return self.learned
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None and state.global_step % self.every == 0:
-            if self.check(model) == len(self.batch["input_ids"]):
+            if self.check(model) == self.total:
                 self.stopped_at = state.global_step
                 control.should_training_stop = True
 
@@ -316,9 +322,11 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
         stopper = None
         # What "learned" means: the rows being learned (train, or Surgery's update stream); unlearning has none.
         learning = streams.get("train") or streams.get("update")
-        if config.stop_when_learned and learning and all("question" in r for r in learning):
+        if learning and all("question" in r for r in learning):
+            # Checked at the end in any case (the report), during training only with stop_when_learned.
             stopper = StopWhenLearned(tokenizer, learning, config.stop_when_learned, config.max_length)
-            trainer.add_callback(stopper)
+            if config.stop_when_learned:
+                trainer.add_callback(stopper)
         trainer.remove_callback(PrinterCallback)  # added instead of the bar when logging is quiet
         if progress and is_main_process():
             trainer.add_callback(RichTrainProgress(f"training adapter ({config.objective})"))
@@ -351,8 +359,8 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
         "inputs": [_scaled_lineage(a, c) for a, c in stack],
     }
     if stopper is not None:
-        # Teacher-forced check of the first 32 training rows at the end (issue: learn says what it learned).
-        lineage["learned"] = {"rows": len(stopper.batch["input_ids"]), "learned": stopper.learned,
+        # Teacher-forced check of the distinct training rows at the end (issue: learn says what it learned).
+        lineage["learned"] = {"rows": stopper.total, "learned": stopper.learned,
                               "stopped_early_at_step": stopper.stopped_at}
     return Adapter(modules=modules, config=peft_cfg, lineage=lineage)
 
@@ -378,81 +386,3 @@ def _trained_state(trainer: ObjectiveTrainer, peft_model) -> dict[str, torch.Ten
 
 def _scaled_lineage(adapter: Adapter, c: float) -> dict[str, Any]:
     return {"op": "scale", "params": {"c": c}, "inputs": [adapter.lineage]}
-
-
-# learn's defaults (CLI and Python API), chosen on the edit benchmark's dev split: a budget in
-# optimizer steps with a floor that suits a handful of facts, a stop once the rows are learned,
-# and the preservation stream (KL to the starting model on the vendored general prompt pool).
-# Recipes give their own values, so these do not change a recipe's adapters.
-LEARN_DEFAULTS = TrainConfig(learning_rate=2e-3, epochs=3.0, batch_size=8, min_steps=60, stop_when_learned=5)
-LEARN_PRESERVE = "preservation"
-LEARN_PRESERVE_WEIGHT = 4.0
-
-
-def with_preservation(rows, config: TrainConfig, preserve, weight: float | None = None):
-    """``{"train": rows, "preserve": pool}`` and the config with the KL weight, or the inputs unchanged
-    when ``preserve`` is None, the objective is not nll, or ``rows`` already names its streams.
-
-    ``preserve`` is a data source ("preservation": the vendored pool) or rows; the pool must not
-    repeat or mention what is learned (:func:`~lora_unlearn.training.preservation.check_pool`).
-    """
-    from dataclasses import replace
-
-    from .preservation import check_pool
-    from .sources import load_source
-
-    if preserve is None or config.objective != "nll" or isinstance(rows, dict):
-        return rows, config
-    pool = load_source(preserve) if isinstance(preserve, (str, Path)) else list(preserve)
-    check_pool(pool, rows, pool_name=f"preservation pool {preserve!r}" if isinstance(preserve, str) else "preservation pool",
-               what="the data to learn")
-    extra = {**config.extra, "preserve": LEARN_PRESERVE_WEIGHT if weight is None else weight}
-    return {"train": rows, "preserve": pool}, replace(config, extra=extra)
-
-
-def learn(rows: list[dict[str, str]] | dict[str, list[dict[str, str]]], out: str | Path | None = None, *, base: str = "smollm2-135m",
-          quantization: str = "nf4", on: list[tuple[Adapter, float]] = (), config: TrainConfig | None = None,
-          overwrite: bool = False, loaded=None, progress: bool = True, resume: bool = False,
-          checkpoint_every: int = 50, preserve=LEARN_PRESERVE, preserve_weight: float | None = None) -> Adapter:
-    """Load ``base`` (or use ``loaded`` = (model, tokenizer, info)), train an adapter, write it to ``out``.
-
-    Defaults (``config=None``): :data:`LEARN_DEFAULTS`, and the preservation stream ``preserve``
-    (the vendored pool; None turns it off) with weight ``preserve_weight`` (default 4.0): the
-    adapter learns the rows and keeps the model's answers to unrelated prompts.
-    With ``out``, checkpoints go to ``OUT.partial/checkpoints`` every ``checkpoint_every`` steps
-    (0: none) and are deleted once ``out`` is written; ``resume`` continues an interrupted run
-    (nothing to resume: a fresh start). Under a distributed launcher only process 0 writes.
-    The lineage's ``learned`` says how many of the (first 32) rows were learned (teacher-forced).
-    """
-    from dataclasses import replace
-
-    from ..core.models import load_base
-
-    config = replace(config or LEARN_DEFAULTS)
-    config.validate()
-    if out is not None and Path(out).exists() and not overwrite:
-        raise UserError(f"output {out} already exists: choose another path or pass --overwrite")
-    if not rows:
-        raise UserError("the data set is empty: nothing to learn")
-    rows, config = with_preservation(rows, config, preserve, preserve_weight)
-    if checkpoint_every < 0:
-        raise UserError(f"--checkpoint-every must be >= 0 steps (0: no checkpoints), got {checkpoint_every}")
-    if resume and (out is None or checkpoint_every == 0):
-        raise UserError("--resume needs checkpoints: give --out and a --checkpoint-every above 0")
-    checkpoints = None
-    if out is not None and checkpoint_every > 0:
-        work = work_dir(out)
-        claim(work, resume, Path(out))
-        checkpoints = Checkpoints(work / "checkpoints", every=checkpoint_every, resume=resume)
-    storage = sharded_quant_storage()
-    model, tokenizer, info = loaded or load_base(base, quantization, **({"quant_storage": storage} if storage else {}))
-    with cleanup_unless_resumable(work_dir(out)) if checkpoints else contextlib.nullcontext():
-        adapter = train_adapter(model, tokenizer, rows, config, stack=on, base_info=info, progress=progress,
-                                checkpoints=checkpoints)
-    if out is not None:
-        if is_main_process():
-            save_adapter(adapter, out, overwrite=overwrite)
-            if checkpoints is not None:
-                shutil.rmtree(work_dir(out), ignore_errors=True)
-        wait_for_everyone()
-    return adapter
