@@ -257,7 +257,9 @@ def _looks_like_a_path(text: str) -> bool:
 @user_errors
 def ask(questions: Annotated[str, typer.Option("--questions", help="A question, or a JSONL file of rows with 'question'.")],
         adapter: Stack = None, base: Base = "smollm2-135m", quantization: Quant = "nf4",
-        max_new_tokens: int = 64):
+        max_new_tokens: int = 64,
+        max_strength: Annotated[float, typer.Option("--max-strength", help="Largest |scale| of an adapter in the "
+                                                    "stack (as the server's --max-strength).")] = 8.0):
     """Answer questions greedily with the base and a stack of adapters (unmerged)."""
     from .core.data import load_records
     from .core.inference import answer
@@ -276,6 +278,10 @@ def ask(questions: Annotated[str, typer.Option("--questions", help="A question, 
     else:
         items = [questions]
     stack = parse_stack(adapter)
+    for spec, (_, c) in zip(adapter or [], stack):
+        if not abs(c) <= max_strength:
+            raise UserError(f"adapter {spec!r}: scale {c:g} is beyond --max-strength {max_strength:g} (a strength "
+                            "that large breaks the model's logits): use a scale in [-max, max] or raise the bound")
     model, tokenizer, _ = load_base(base, quantization)
     with attached(model, stack) as m, err_console.status("generating"):
         answers = answer(m, tokenizer, items, max_new_tokens=max_new_tokens)
@@ -579,7 +585,9 @@ def serve(adapter: Annotated[list[str] | None, typer.Option(
           max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask.")] = 256,
           max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", help="Longest prompt, in characters.")] = 8000,
           max_batch: Annotated[int, typer.Option("--max-batch", help="Rows generated together.")] = 8,
-          batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="Wait for more requests this long.")] = 5.0):
+          batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="Wait for more requests this long.")] = 5.0,
+          max_strength: Annotated[float, typer.Option("--max-strength", help="Largest |forget strength| a request or "
+                                                      "default may set (the recipes select <= 3).")] = 8.0):
     """Serve OpenAI-style completions with per-request forget strengths ("forget": {"NAME": 1.0})."""
     from .serving.app import LOOPBACK
     from .serving.app import serve as run_server
@@ -597,14 +605,14 @@ def serve(adapter: Annotated[list[str] | None, typer.Option(
         if value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     limits = Limits(max_tokens=max_tokens_limit, max_prompt_chars=max_prompt_chars, max_batch=max_batch,
-                    batch_window_ms=batch_window_ms)
+                    batch_window_ms=batch_window_ms, max_strength=max_strength)
     limits.validate()
     specs = [parse_adapter_spec(s) for s in adapter or []]
     names = [name for name, _, _ in specs]
     if len(set(names)) != len(names):
         raise UserError(f"--adapter names must be unique, got {', '.join(names)}")
     _quiet_libraries()
-    runtime = ForgetRuntime.from_base(base, quantization)
+    runtime = ForgetRuntime.from_base(base, quantization, max_strength=max_strength)
     err_console.print(f"serving {base} ({quantization}) with {', '.join(names) or 'no adapters'} on "
                       f"http://{host}:{port}{' (API key required)' if api_key else ''}", soft_wrap=True)
     run_server(runtime, host=host, port=port, api_key=api_key, limits=limits, adapters=specs, log_level="warning")

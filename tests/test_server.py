@@ -158,8 +158,22 @@ BAD = [  # (method, path, json or raw bytes, status, words the message must cont
     ("post", "/v1/completions", {"prompt": "x" * 201}, 400, "over this server's limit of 200"),
     ("post", "/v1/completions", {"prompt": "x", "max_tokens": 13}, 400, "limit of 12"),
     ("post", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "positive integer"),
-    ("post", "/v1/completions", {"prompt": "x", "temperature": 0.7}, 400, "temperature must be 0"),
-    ("post", "/v1/completions", {"prompt": "x", "stream": True}, 400, "stream=True is not supported"),
+    ("post", "/v1/completions", {"prompt": "x", "temperature": -0.1}, 400, "temperature must be a number in [0, 2]"),
+    ("post", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature must be a number"),
+    ("post", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p must be a number in (0, 1]"),
+    ("post", "/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p must be a number in (0, 1]"),
+    ("post", "/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed must be an integer"),
+    ("post", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n must be an integer in 1..8"),
+    ("post", "/v1/completions", {"prompt": ["x"] * 3, "n": 3}, 400, "9 rows"),
+    ("post", "/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream must be true or false"),
+    ("post", "/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "only allowed with stream=true"),
+    ("post", "/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"usage": True}}, 400,
+     "stream_options must be an object"),
+    ("post", "/v1/completions", {"prompt": "x", "forget": {"a": 8.5}}, 400, "beyond this server's bound of 8"),
+    ("post", "/v1/completions", {"prompt": "x", "forget": {"a": -1e308}}, 400, "--max-strength"),
+    ("post", "/v1/completions", {"prompt": "x", "forget": {"strength": 1}}, 400, "unknown adapter 'strength'"),
+    ("post", "/v1/completions", {"prompt": "x", "presence_penalty": 1}, 400, "presence_penalty=1 is not supported"),
     ("post", "/v1/completions", {"prompt": "x", "forgets": {"a": 1}}, 400, "unknown field 'forgets'"),
     ("post", "/v1/completions", {"prompt": ["x"] * 9}, 400, "at most 8"),
     ("post", "/v1/completions", {"max_tokens": 3}, 400, "prompt must be"),
@@ -170,6 +184,7 @@ BAD = [  # (method, path, json or raw bytes, status, words the message must cont
     ("post", "/v1/adapters", {"name": "z", "path": "/nonexistent/adapter"}, 400, "does not exist"),
     ("post", "/v1/adapters", {"name": "a", "path": "/tmp"}, 409, "already loaded"),
     ("post", "/v1/adapters", {"name": "z", "path": "/tmp", "default": "high"}, 400, "default must be"),
+    ("post", "/v1/adapters", {"name": "z", "path": "/tmp", "default": 9}, 400, "bound of 8 (--max-strength)"),
     ("delete", "/v1/adapters/nope", None, 404, "no adapter named 'nope'"),
     ("get", "/v1/nothing", None, 404, "Not Found"),
 ]
@@ -242,7 +257,8 @@ def test_cli_serve_subprocess(tiny_model_dir, adapter_dirs):
     port = _free_port()
     env = {**os.environ, "LORA_UNLEARN_API_KEY": "k3y"}
     cmd = [sys.executable, "-m", "lora_unlearn.cli", "serve", "--base", str(tiny_model_dir), "-q", "none",
-           "--adapter", f"a={adapter_dirs['a']}:1", "--port", str(port), "--max-tokens-limit", "8"]
+           "--adapter", f"a={adapter_dirs['a']}:1", "--port", str(port), "--max-tokens-limit", "8",
+           "--max-strength", "2"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -263,6 +279,8 @@ def test_cli_serve_subprocess(tiny_model_dir, adapter_dirs):
         assert r.status_code == 400 and "limit of 8" in r.json()["error"]["message"]
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "The quick", "max_tokens": 4}, headers=auth)
         assert r.status_code == 200 and r.json()["forget"] == {"a": 1.0}
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "The quick", "forget": {"a": 2.5}}, headers=auth)
+        assert r.status_code == 400 and "bound of 2 (--max-strength)" in r.json()["error"]["message"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -278,6 +296,7 @@ def test_cli_serve_subprocess(tiny_model_dir, adapter_dirs):
     (["--max-tokens-limit", "0"], "--max-tokens-limit must be a positive integer, got 0"),
     (["--adapter", "no-equals-sign"], "expected NAME=DIR[:DEFAULT]"),
     (["--adapter", "a=x", "--adapter", "a=y"], "names must be unique"),
+    (["--max-strength", "0"], "max-strength must be a positive finite number"),
 ])
 def test_cli_serve_refuses_bad_settings_before_loading_anything(args, message):
     from typer.testing import CliRunner
@@ -286,6 +305,24 @@ def test_cli_serve_refuses_bad_settings_before_loading_anything(args, message):
 
     result = CliRunner().invoke(app, ["serve", "--base", "/nonexistent/model", *args])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_runtime_and_ask_keep_the_strength_bound(tokenizer, adapter_dirs, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from lora_unlearn.cli import app
+
+    runtime = ForgetRuntime(tiny_runtime(tokenizer).model, tokenizer, max_strength=8.0)
+    runtime.load("a", adapter_dirs["a"])
+    runtime.set_coefficients([{"a": -8.0}])
+    for bad in (8.5, -1e308):
+        with pytest.raises(UserError, match="beyond this runtime's bound of 8"):
+            runtime.set_coefficients([{"a": bad}])
+    with pytest.raises(UserError, match="bound of 8"):
+        runtime.load("b", adapter_dirs["b"], default=9.0)
+    result = CliRunner().invoke(app, ["ask", "--questions", "hi", "--base", str(tiny_model_dir), "-q", "none",
+                                      "--adapter", f"{adapter_dirs['a']}:9"])
+    assert result.exit_code == 2 and "beyond --max-strength 8" in " ".join(result.output.split()), result.output
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@
     routes       the endpoints and the Service they share
     schemas      limits, errors, request parsing and response shapes
     batcher      the worker that runs concurrent requests as one batch
+    decoding     one batch of rows, each with its own sampling, stop strings, budget; text as it is generated
+    streaming    answering a request in one body or as Server-Sent Events
     registry     adapters by name: NAME=DIR specs, Hub ids, card kinds
 
 Serving imports core and arithmetic, never training, evaluate or hub.

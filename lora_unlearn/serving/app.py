@@ -2,7 +2,8 @@
 
 The app (:func:`create_app`) is FastAPI: :mod:`.routes` holds the endpoints, :mod:`.schemas` the
 request and response shapes, :mod:`.batcher` the worker that runs concurrent requests as one
-batch, each row with its own forget strengths. Generation is greedy (temperature 0 or absent).
+batch, each row with its own forget strengths and sampling (:mod:`.decoding`: greedy when temperature
+is 0 or absent), and :mod:`.streaming` answers in one body or as Server-Sent Events.
 
 Every bad request gets a 4xx JSON error ``{"error": {"message", "type", "param", "code"}}`` that
 says what to change. With an API key (``--api-key`` or ``LORA_UNLEARN_API_KEY``) every ``/v1``

@@ -1,10 +1,13 @@
-"""Batching requests: a queue and one worker thread that runs waiting requests together.
+"""Batching requests: a queue and one worker thread that runs waiting requests together, streaming each row.
 
-The worker takes the first waiting request, collects those that arrive within ``window_s`` (up
-to ``max_batch`` rows) with the same ``max_tokens`` and mode, and runs one ``runtime.generate``
-with a forget setting per row, under ``runtime.lock`` (adapter loading takes the same lock).
-Rows are independent (left padding, attention mask), so an answer equals the answer to the same
-request sent alone. A request whose rows fail alone gets its own 400; the others still run.
+The worker takes the first waiting request and collects those that arrive within ``window_s`` (up
+to ``max_batch`` rows, whatever their mode, max_tokens or sampling), tokenizes their prompts (the
+tokenizer is used from this thread only) and runs one batch (:func:`.decoding.generate_rows`) with a
+forget setting per row, under ``runtime.lock`` (adapter loading takes the same lock). Rows are
+independent (left padding, attention mask), so an answer equals the answer to the same request sent
+alone. Each row's text goes to its :class:`Job`'s listener as it is generated; a request whose
+rows fail alone gets its own 400, the others still run. A job whose client has gone is cancelled:
+its rows stop at their next token.
 """
 
 from __future__ import annotations
@@ -15,24 +18,75 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import UserError
+from .decoding import Row, Sampling, generate_rows
 from .schemas import ApiError
 
 
 @dataclass
 class Job:
-    """One request: its rows, one forget dict per row, and the generation key it can share a batch on."""
+    """One request: its prompts (each run as ``n`` rows), a forget dict per prompt, its sampling, its outcome.
+
+    ``future`` gets {"outputs": [(text, completion tokens)] per choice, "reasons": finish_reason per
+    choice, "prompt_tokens": the ids the model read, summed over the prompts} once every row has
+    ended, or the :class:`ApiError` that failed the job. ``listener``, when set, is called from the
+    worker with each event as it happens: ("delta", choice, text), ("finish", choice, reason, tokens),
+    ("error", choice, message) or ("fail", ApiError). Choice ``p * n + k`` is prompt p's k-th.
+    """
 
     prompts: list[str]
     forgets: list[dict[str, float]]
     max_new_tokens: int
-    chat: bool  # True: the runtime wraps each prompt as one user turn
+    chat: bool  # True: each prompt is one user turn, wrapped with the tokenizer's chat template
+    sampling: Sampling | None = None  # None: greedy, no stop strings
+    n: int = 1
+    listener: Callable[[tuple], None] | None = None
     future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._texts = [""] * self.rows
+        self._ends: list[tuple[str, int] | None] = [None] * self.rows
 
     @property
-    def key(self) -> tuple[int, bool]:
-        return self.max_new_tokens, self.chat
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+    def fail(self, error: ApiError) -> None:
+        self.cancelled.set()  # the job's other rows stop: nobody will read them
+        if not self.future.done():
+            self.future.set_exception(error)
+            if self.listener:
+                self.listener(("fail", error))
+
+    def event(self, event: tuple) -> None:
+        """Record one row's event (from the worker); the future completes with the last row."""
+        if self.future.done():
+            return
+        kind, choice = event[0], event[1]
+        if kind == "error":
+            self.fail(ApiError(400, event[2], "forget", "non_finite_logits"))
+            return
+        if self.listener:
+            self.listener(event)
+        if kind == "delta":
+            self._texts[choice] += event[2]
+        elif kind == "finish":
+            self._ends[choice] = (event[2], event[3])
+            if all(self._ends):
+                self.future.set_result({"outputs": [(t, e[1]) for t, e in zip(self._texts, self._ends)],
+                                        "reasons": [e[0] for e in self._ends],
+                                        "prompt_tokens": sum(self.prompt_tokens)})
+
+    def sampling_of(self, choice: int) -> Sampling:
+        """Choice ``choice``'s sampling: the choices of one prompt draw from seeds seed, seed + 1, ..."""
+        s = self.sampling or Sampling(self.max_new_tokens)
+        if s.seed is None or choice % self.n == 0:
+            return s
+        return Sampling(s.max_tokens, s.temperature, s.top_p, s.seed + choice % self.n, s.stops)
 
 
 class Batcher:
@@ -44,12 +98,14 @@ class Batcher:
         self.window_s = window_s
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "batched_requests": 0,
-                      "errors": 0}
+                      "errors": 0, "active_rows": 0, "cancelled_rows": 0}
         self._stats_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="lora-unlearn-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> Future:
+        with self._stats_lock:
+            self.stats["requests"] += 1
         self.queue.put(job)
         return job.future
 
@@ -67,7 +123,7 @@ class Batcher:
                 pending.append(job)
             deadline = time.monotonic() + self.window_s
             stop = False
-            while sum(len(j.prompts) for j in pending) < self.max_batch:
+            while sum(j.rows for j in pending) < self.max_batch:
                 remaining = deadline - time.monotonic()
                 try:
                     job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
@@ -77,17 +133,17 @@ class Batcher:
                     stop = True
                     break
                 pending.append(job)
-            key, rows, batch = pending[0].key, 0, []
+            rows, batch = 0, []
             for job in list(pending):
-                if job.key == key and rows + len(job.prompts) <= self.max_batch:
+                if rows + job.rows <= self.max_batch:
                     batch.append(job)
-                    rows += len(job.prompts)
+                    rows += job.rows
             for job in batch:
                 pending.remove(job)
-            self._run(batch)
+            self._run([j for j in batch if not j.cancelled.is_set()])
             if stop:
                 for job in pending:
-                    job.future.set_exception(ApiError(503, "the server is shutting down"))
+                    job.fail(ApiError(503, "the server is shutting down"))
                 return
 
     def _run(self, batch: list[Job]) -> None:
@@ -96,50 +152,67 @@ class Batcher:
                 loaded = set(self.runtime.adapters())
                 ready = []
                 for job in batch:
-                    missing = sorted({n for f in job.forgets for n in f} - loaded)
+                    missing = sorted({name for f in job.forgets for name in f} - loaded)
                     if missing:
-                        job.future.set_exception(ApiError(
-                            400, f"adapter {missing[0]!r} was unloaded while the request waited. "
-                            f"Loaded: {', '.join(sorted(loaded)) or '(none)'}", "forget", "unknown_adapter"))
+                        job.fail(ApiError(400, f"adapter {missing[0]!r} was unloaded while the request waited. "
+                                          f"Loaded: {', '.join(sorted(loaded)) or '(none)'}", "forget",
+                                          "unknown_adapter"))
                     else:
                         ready.append(job)
                 self._generate(ready)
         except Exception as e:  # noqa: BLE001 - the worker must survive anything; the request gets a 500
             for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(ApiError(500, f"generation failed: {type(e).__name__}: {e}"))
+                job.fail(ApiError(500, f"generation failed: {type(e).__name__}: {e}"))
+        finally:
+            with self._stats_lock:
+                self.stats["active_rows"] = 0
+
+    def _rows(self, job: Job) -> list[Row]:
+        from ..core.data import prompt_text
+
+        tok = self.runtime.tokenizer
+        rows, job.prompt_tokens = [], []
+        for p, prompt in enumerate(job.prompts):
+            text = prompt_text(tok, prompt) if job.chat else prompt
+            ids = tok(text, add_special_tokens=not job.chat)["input_ids"]
+            job.prompt_tokens.append(len(ids))
+            for k in range(job.n):
+                choice = p * job.n + k
+                rows.append(Row(ids, dict(job.forgets[p]), job.sampling_of(choice), self._sink(job, choice),
+                                job.cancelled.is_set))
+        return rows
+
+    def _sink(self, job: Job, choice: int):
+        def sink(event: tuple) -> None:
+            if event[0] in ("finish", "error", "cancelled"):
+                with self._stats_lock:
+                    self.stats["active_rows"] -= 1
+                    self.stats["errors"] += event[0] == "error"
+                    self.stats["cancelled_rows"] += event[0] == "cancelled"
+            if event[0] != "cancelled":
+                job.event((event[0], choice, *event[1:]))
+        return sink
 
     def _generate(self, jobs: list[Job]) -> None:
         """Run ``jobs`` as one batch (caller holds the runtime lock); isolate a failing request."""
         if not jobs:
             return
-        prompts = [p for j in jobs for p in j.prompts]
-        forgets = [f for j in jobs for f in j.forgets]
+        rows = [r for job in jobs for r in self._rows(job)]
         try:
-            texts = self.runtime.generate(prompts, forgets, max_new_tokens=jobs[0].max_new_tokens, chat=jobs[0].chat)
+            with self.runtime.coefficients([r.forget for r in rows]):
+                pass  # refuses a bad forget setting before any row has sent anything
         except UserError as e:
             if len(jobs) > 1:  # one request's bad row must not fail the others: run each alone
                 for job in jobs:
                     self._generate([job])
                 return
-            jobs[0].future.set_exception(ApiError(400, str(e)))
+            jobs[0].fail(ApiError(400, str(e), "forget"))
             return
         with self._stats_lock:
             self.stats["batches"] += 1
-            self.stats["rows"] += len(prompts)
-            self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(prompts))
+            self.stats["rows"] += len(rows)
+            self.stats["active_rows"] = len(rows)
+            self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
             if len(jobs) > 1:
                 self.stats["batched_requests"] += len(jobs)
-        at = 0
-        for job in jobs:
-            n = len(job.prompts)
-            job.future.set_result({"outputs": [(t, self._count(t)) for t in texts[at:at + n]],
-                                   "prompt_tokens": self._prompt_tokens(job)})
-            at += n
-
-    def _count(self, text: str) -> int:
-        return len(self.runtime.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _prompt_tokens(self, job: Job) -> int:
-        # Tokenizers are not safe to call from several threads: counting happens here, in the worker.
-        return sum(self._count(p) for p in job.prompts)
+        generate_rows(self.runtime, rows)

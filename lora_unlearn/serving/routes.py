@@ -1,7 +1,7 @@
 """The routes of the OpenAI-style API, and the :class:`Service` they share.
 
-    POST /v1/completions        {"prompt", "max_tokens", "forget": {"adapter": strength}, ...}
-    POST /v1/chat/completions   {"messages", "max_tokens", "forget": {...}, ...}
+    POST /v1/completions        {"prompt", "max_tokens", "forget": {"adapter": strength}, "stream", ...}
+    POST /v1/chat/completions   {"messages", "max_tokens", "forget": {...}, "temperature", "seed", ...}
     GET  /v1/adapters           loaded adapters (rank, default strength, path, kind)
     POST /v1/adapters           {"name", "path": local folder or Hub id, "default": 0.0}
     DELETE /v1/adapters/{name}
@@ -15,15 +15,13 @@ base + sum_k c_k dW_k); adapters it does not name use their default.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import math
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError
@@ -35,15 +33,14 @@ from .schemas import (
     NAME,
     ApiError,
     Limits,
-    finish,
     is_number,
     parse_common,
     parse_json,
     parse_messages,
     parse_prompts,
     render_chat,
-    usage,
 )
+from .streaming import complete, first_event, listen, stream
 
 router = APIRouter()
 
@@ -95,15 +92,6 @@ class Service:
         """Every loaded adapter's strength for this request: its own or the adapter's default."""
         return {name: forget.get(name, float(meta["default"])) for name, meta in self.runtime.adapters().items()}
 
-    async def generate(self, prompts: list[str], forget: dict[str, float], max_tokens: int,
-                       chat: bool) -> tuple[list[tuple[str, int]], int]:
-        """((text, completion tokens) per prompt, prompt tokens), from the batcher."""
-        job = Job(prompts, [dict(forget) for _ in prompts], max_tokens, chat)
-        with self.batcher._stats_lock:
-            self.batcher.stats["requests"] += 1
-        result = await asyncio.wrap_future(self.batcher.submit(job))
-        return result["outputs"], result["prompt_tokens"]
-
     def adapter_list(self) -> list[dict[str, Any]]:
         return [{"id": name, "object": "adapter", "kind": self.kinds.get(name, "unknown"), **meta}
                 for name, meta in self.runtime.adapters().items()]
@@ -115,37 +103,38 @@ def _service(request: Request) -> Service:
 
 # ---- generation -------------------------------------------------------------------------------
 
-async def _generation_request(request: Request, fields: set[str]) -> tuple[Service, dict[str, Any], tuple]:
-    """(service, body, (max_tokens, forget, stops)) of an authorized completion request, its common fields checked."""
+async def _generate(request: Request, fields: set[str], kind: str):
+    """Parse an authorized completion or chat request, queue its rows, answer in one body or as a stream."""
     service = _service(request)
     body = await service.read_json(request)
-    return service, body, parse_common(body, fields, service.limits, service.runtime.adapters())
+    gen = parse_common(body, fields, service.limits, service.runtime.adapters())
+    if kind == "chat":
+        prompt, chat = render_chat(service.runtime.tokenizer, parse_messages(body, service.limits))
+        prompts = [prompt]
+    else:
+        prompts, chat = parse_prompts(body, service.limits), False
+    if len(prompts) * gen.n > service.limits.max_batch:
+        raise ApiError(400, f"{len(prompts)} prompts x n={gen.n} is {len(prompts) * gen.n} rows: this server runs "
+                       f"at most {service.limits.max_batch} per request", "n")
+    job = Job(prompts, [gen.forget] * len(prompts), gen.sampling.max_tokens, chat, gen.sampling, gen.n)
+    events = listen(job) if gen.stream else None
+    service.batcher.submit(job)
+    forget = service.effective(gen.forget)
+    if not gen.stream:
+        return await complete(job, kind, service.model_id, forget)
+    first = await first_event(job, events)
+    return StreamingResponse(stream(job, events, first, kind, service.model_id, forget, gen.include_usage),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    service, body, (max_tokens, forget, stops) = await _generation_request(request, COMPLETION_FIELDS)
-    prompts = parse_prompts(body, service.limits)
-    outs, prompt_tokens = await service.generate(prompts, forget, max_tokens, chat=False)
-    choices = []
-    for i, (text, n) in enumerate(outs):
-        text, reason = finish(text, n, max_tokens, stops)
-        choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": service.model_id, "choices": choices, "usage": usage(prompt_tokens, outs),
-            "forget": service.effective(forget)}
+    return await _generate(request, COMPLETION_FIELDS, "completion")
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    service, body, (max_tokens, forget, stops) = await _generation_request(request, CHAT_FIELDS)
-    messages = parse_messages(body, service.limits)
-    prompt, chat = render_chat(service.runtime.tokenizer, messages)
-    outs, prompt_tokens = await service.generate([prompt], forget, max_tokens, chat=chat)
-    text, reason = finish(outs[0][0], outs[0][1], max_tokens, stops)
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": service.model_id, "usage": usage(prompt_tokens, outs), "forget": service.effective(forget),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}]}
+    return await _generate(request, CHAT_FIELDS, "chat")
 
 
 # ---- adapters ---------------------------------------------------------------------------------
@@ -172,6 +161,9 @@ async def load(request: Request):
         raise ApiError(400, "path must be a local adapter folder or a Hub repository id", "path")
     if not is_number(default) or not math.isfinite(default):
         raise ApiError(400, f"default must be a finite number, got {default!r}", "default")
+    if abs(default) > service.limits.max_strength:
+        raise ApiError(400, f"default {default:g} is beyond this server's bound of {service.limits.max_strength:g} "
+                       "(--max-strength)", "default", "strength_out_of_range")
     if name in runtime.adapters():
         raise ApiError(409, f"an adapter named {name!r} is already loaded: DELETE /v1/adapters/{name} first",
                        "name", "exists")
@@ -220,4 +212,5 @@ async def health(request: Request):
     return {"status": "ok" if batcher else "starting", "model": service.model_id,
             "adapters": len(service.runtime.adapters()), "queued": batcher.queue.qsize() if batcher else 0, **stats,
             "limits": {"max_tokens": limits.max_tokens, "max_prompt_chars": limits.max_prompt_chars,
-                       "max_batch": limits.max_batch, "batch_window_ms": limits.batch_window_ms}}
+                       "max_batch": limits.max_batch, "batch_window_ms": limits.batch_window_ms,
+                       "max_strength": limits.max_strength}}

@@ -151,15 +151,18 @@ class ForgetRuntime:
     runtime wraps its targeted linear layers in place and unwraps them when the last adapter
     is unloaded. ``lock`` is for callers (the server) to hold around :meth:`generate` and around
     load/unload: the runtime itself takes no lock, so a caller holding it never deadlocks.
+    ``max_strength``: the largest |coefficient| a row or default may have (the server's ``--max-strength``).
     """
 
-    def __init__(self, model, tokenizer, *, lock: threading.Lock | None = None) -> None:
+    def __init__(self, model, tokenizer, *, lock: threading.Lock | None = None,
+                 max_strength: float | None = None) -> None:
         if hasattr(model, "peft_config"):
             raise UserError("ForgetRuntime needs the plain base model, not a PEFT model: pass the model "
                             "from load_base() and load adapters with runtime.load()")
         self.model = model
         self.tokenizer = tokenizer
         self.lock = lock or threading.Lock()
+        self.max_strength = max_strength  # None: any coefficient within float32
         self.info = None  # BaseInfo when built by from_base
         self._state = _Coefficients()
         self._adapters: dict[str, _Loaded] = {}
@@ -170,12 +173,12 @@ class ForgetRuntime:
 
     @classmethod
     def from_base(cls, name: str = "smollm2-135m", quantization: str = "nf4", device: str | None = None,
-                  lock: threading.Lock | None = None) -> ForgetRuntime:
+                  lock: threading.Lock | None = None, max_strength: float | None = None) -> ForgetRuntime:
         """Load ``name`` (embedded default, local folder or Hub id) and wrap it."""
         from ..core.models import load_base
 
         model, tokenizer, info = load_base(name, quantization, device=device)
-        runtime = cls(model, tokenizer, lock=lock)
+        runtime = cls(model, tokenizer, lock=lock, max_strength=max_strength)
         runtime.info = info
         return runtime
 
@@ -187,7 +190,7 @@ class ForgetRuntime:
             raise UserError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self._adapters:
             raise UserError(f"an adapter named {name!r} is already loaded: unload it first or pick another name")
-        default = _number(name, default)
+        default = self._bounded(name, default)
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter)
         self._check_fits(name, adapter)
@@ -206,6 +209,13 @@ class ForgetRuntime:
     def adapters(self) -> dict[str, dict]:
         """name -> {"rank", "default", "path", "modules", "sha256" (when read from a folder)}."""
         return {name: loaded.info() for name, loaded in self._adapters.items()}
+
+    def _bounded(self, name: str, value) -> float:
+        if self.max_strength is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and abs(value) > self.max_strength:
+            raise UserError(f"coefficient of {name!r} is {value:g}, beyond this runtime's bound of "
+                            f"{self.max_strength:g} (max_strength, the server's --max-strength)")
+        return _number(name, value)
 
     def _names(self) -> str:
         return ", ".join(self._adapters) or "(none)"
@@ -275,7 +285,7 @@ class ForgetRuntime:
                 for key, value in row.items():
                     if key not in self._adapters:
                         raise UserError(f"row {i} names adapter {key!r}, which is not loaded. Loaded: {self._names()}")
-                    _number(key, value)
+                    self._bounded(key, value)
             rows = [dict(row) for row in rows] or None
         self._rows = rows
         self._apply()

@@ -3,7 +3,8 @@
 Every bad request becomes an :class:`ApiError`, answered as a 4xx JSON error
 ``{"error": {"message", "type", "param", "code"}}`` that says what to change. Unknown fields are
 refused (a misspelt ``forget`` must not silently serve the unforgotten model); OpenAI fields this
-server does not implement are accepted only at the value that means plain greedy decoding.
+server does not implement (penalties, log-probabilities, echo) are accepted only at their neutral
+value. Forget strengths are bounded by ``Limits.max_strength`` (``--max-strength``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from .decoding import Sampling
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -28,12 +30,16 @@ class Limits:
     max_batch: int = 8  # rows per generate call; also the most prompts one request may send
     batch_window_ms: float = 5.0  # how long the worker waits for more requests after the first
     default_max_tokens: int = 64
+    max_strength: float = 8.0  # largest |forget strength| a request may set (the recipes select <= 3)
 
     def validate(self) -> None:
         for name in ("max_tokens", "max_prompt_chars", "max_batch", "default_max_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if isinstance(self.max_strength, bool) or not isinstance(self.max_strength, (int, float)) \
+                or not 0 < self.max_strength <= 3.4028234663852886e38:
+            raise UserError(f"max-strength must be a positive finite number, got {self.max_strength!r}")
         if not math.isfinite(self.batch_window_ms) or self.batch_window_ms < 0:
             raise UserError(f"batch window must be >= 0 ms, got {self.batch_window_ms}")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
@@ -55,14 +61,24 @@ class ApiError(Exception):
 
 # ---- requests ---------------------------------------------------------------------------------
 
-COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "forget", "user", "seed",
-          "presence_penalty", "frequency_penalty", "logprobs"}
+COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "forget", "user",
+          "seed", "presence_penalty", "frequency_penalty", "logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
-# fields accepted only at the value that means "plain greedy decoding"
-NEUTRAL = {"n": (1,), "stream": (False,), "echo": (False,), "best_of": (1,), "suffix": (None,), "top_p": (1, 1.0),
-           "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (None, False),
-           "top_logprobs": (None, 0)}
+# fields accepted only at the value that means "no penalty, no log-probabilities, no echo"
+NEUTRAL = {"echo": (False,), "best_of": (1, None), "suffix": (None,), "presence_penalty": (0, 0.0, None),
+           "frequency_penalty": (0, 0.0, None), "logprobs": (None, False), "top_logprobs": (None, 0)}
+
+
+@dataclass
+class Generation:
+    """A generation request's common fields, checked: what to decode, how, with which forget strengths."""
+
+    sampling: Sampling
+    forget: dict[str, float]
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
 
 
 def _reject_constant(name: str):
@@ -85,19 +101,15 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def parse_common(body: dict[str, Any], allowed: set[str], limits: Limits, loaded: dict[str, dict]) -> tuple[int, dict, list]:
+def parse_common(body: dict[str, Any], allowed: set[str], limits: Limits, loaded: dict[str, dict]) -> Generation:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}. Supported: {', '.join(sorted(allowed))}", unknown[0],
                        "unknown_field")
     for key, ok in NEUTRAL.items():
         if key in body and body[key] not in ok:
-            raise ApiError(400, f"{key}={body[key]!r} is not supported: this server decodes greedily, one choice "
-                           f"per prompt, without streaming (leave {key} out)", key, "unsupported")
-    temperature = body.get("temperature")
-    if temperature is not None and (not is_number(temperature) or temperature != 0):
-        raise ApiError(400, f"temperature must be 0 or absent (decoding is greedy), got {temperature!r}",
-                       "temperature", "unsupported")
+            raise ApiError(400, f"{key}={body[key]!r} is not supported by this server (leave {key} out)", key,
+                           "unsupported")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key)
     if max_tokens is None:
@@ -107,21 +119,72 @@ def parse_common(body: dict[str, Any], allowed: set[str], limits: Limits, loaded
     elif max_tokens > limits.max_tokens:
         raise ApiError(400, f"{key}={max_tokens} is over this server's limit of {limits.max_tokens}: ask for fewer",
                        key, "max_tokens_too_large")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop must be a non-empty string or a list of at most 4 of them", "stop")
+    sampling = Sampling(max_tokens, *_sampling(body), tuple(stops))
+    n, stream, include_usage = _choices(body, limits)
+    return Generation(sampling, _forget(body, limits, loaded), n, stream, include_usage)
+
+
+def _sampling(body: dict[str, Any]) -> tuple[float, float, int | None]:
+    """(temperature, top_p, seed); temperature 0 or absent decodes greedily."""
+    temperature = body.get("temperature")
+    temperature = 0.0 if temperature is None else temperature
+    if not is_number(temperature) or not 0 <= temperature <= 2:
+        raise ApiError(400, f"temperature must be a number in [0, 2] (0: greedy), got {temperature!r}",
+                       "temperature", "invalid_value")
+    top_p = body.get("top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not is_number(top_p) or not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p must be a number in (0, 1], got {top_p!r}", "top_p", "invalid_value")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62):
+        raise ApiError(400, f"seed must be an integer in [0, 2**62), got {seed!r}", "seed", "invalid_value")
+    return float(temperature), float(top_p), seed
+
+
+def _choices(body: dict[str, Any], limits: Limits) -> tuple[int, bool, bool]:
+    """(n, stream, include_usage)."""
+    n = body.get("n")
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_batch:
+        raise ApiError(400, f"n must be an integer in 1..{limits.max_batch} (this server's batch), got {n!r}", "n",
+                       "invalid_value")
+    stream = body.get("stream")
+    stream = False if stream is None else stream
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream", "invalid_value")
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise ApiError(400, "stream_options is only allowed with stream=true", "stream_options", "invalid_value")
+    options = options or {}
+    if not isinstance(options, dict) or sorted(set(options) - {"include_usage"}):
+        raise ApiError(400, f"stream_options must be an object with the one field include_usage, got {options!r}",
+                       "stream_options", "invalid_value")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "stream_options.include_usage must be true or false", "stream_options", "invalid_value")
+    return n, stream, include_usage
+
+
+def _forget(body: dict[str, Any], limits: Limits, loaded: dict[str, dict]) -> dict[str, float]:
     forget = body.get("forget") or {}
     if not isinstance(forget, dict):
         raise ApiError(400, f"forget must be an object of adapter name -> strength, got {type(forget).__name__}",
                        "forget")
     for name, strength in forget.items():
         if name not in loaded:
-            raise ApiError(400, f"unknown adapter {name!r} in forget. Loaded: {', '.join(loaded) or '(none)'}",
-                           "forget", "unknown_adapter")
-        if not is_number(strength) or not math.isfinite(strength) or abs(strength) > 3.4028234663852886e38:
+            raise ApiError(400, f"unknown adapter {name!r} in forget (it maps loaded adapter names to strengths). "
+                           f"Loaded: {', '.join(loaded) or '(none)'}", "forget", "unknown_adapter")
+        if not is_number(strength) or not math.isfinite(strength):
             raise ApiError(400, f"forget strength of {name!r} must be a finite number, got {strength!r}", "forget")
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, "stop must be a non-empty string or a list of at most 4 of them", "stop")
-    return max_tokens, {k: float(v) for k, v in forget.items()}, stops
+        if abs(strength) > limits.max_strength:
+            raise ApiError(400, f"forget strength of {name!r} is {strength:g}, beyond this server's bound of "
+                           f"{limits.max_strength:g} (--max-strength): use a strength in [-{limits.max_strength:g}, "
+                           f"{limits.max_strength:g}]", "forget", "strength_out_of_range")
+    return {k: float(v) for k, v in forget.items()}
 
 
 def parse_prompts(body: dict[str, Any], limits: Limits) -> list[str]:
@@ -179,19 +242,7 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, bool]:
     return text, False
 
 
-def truncate(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 # ---- responses --------------------------------------------------------------------------------
 
-def usage(prompt_tokens: int, outs: list[tuple[str, int]]) -> dict[str, int]:
-    completion = sum(n for _, n in outs)
+def usage(prompt_tokens: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def finish(text: str, tokens: int, max_tokens: int, stops: list[str]) -> tuple[str, str]:
-    """The text cut at the first stop string, and OpenAI's finish_reason ("stop" or "length")."""
-    text, stopped = truncate(text, stops)
-    return text, "stop" if stopped or tokens < max_tokens else "length"
