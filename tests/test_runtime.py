@@ -268,7 +268,8 @@ def test_strength_is_linear_and_zero_is_off(full, forget, input_ids):
     rt.load("forget", forget)
     rows = [{"forget": 0.0}, {"forget": -3.0}, {"forget": 8.0}]
     out = rt.forward(input_ids[:3], None, rows)
-    assert torch.equal(out[:1], logits(base, input_ids[:1]))
+    # Same batch shape on both sides: a batch of 1 may take other BLAS kernels (last-bit differences).
+    assert torch.equal(out[:1], logits(base, input_ids[:3])[:1])
     for i in (1, 2):
         torch.testing.assert_close(out[i:i + 1], logits(dense_reference(base, rows[i], {"forget": forget}),
                                                         input_ids[i:i + 1]), atol=ATOL, rtol=0)
