@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from lora_unlearn.arithmetic import negate
+from lora_unlearn.core.data import fingerprint
 from lora_unlearn.core.models import load_base
 from lora_unlearn.core.stack import attached
 from lora_unlearn.evaluate.edits import evaluate_edits, record_unedited
@@ -44,6 +45,9 @@ from lora_unlearn.training.trainer import TrainConfig, train_adapter
 BUDGET = dict(batch_size=8, min_steps=40, max_steps=-1, epochs=12, stop_when_learned=5, max_length=128)
 LR = 2e-3
 PRESERVE = 4.0
+# The pool the first results were cached with (439 instructions, everyday and quiz questions): their
+# cache names carry no pool tag; results with any other pool carry the first 8 hex digits of its sha256.
+FIRST_POOL = "402addda08ebc445bd213e53c6147e66e65acab405dfab166b27f14d4f92262e"
 SURGERY = {"a": 0.1, "b": 2.0}  # official weights; c = the preservation weight (0 without)
 METHODS = ("ft", "ft+P", "f_learning", "f_learning+P", "surgery", "surgery+P")
 LABELS = {"ft": "fine-tuning", "ft+P": "fine-tuning + preservation", "f_learning": "F-Learning",
@@ -190,6 +194,8 @@ def main(argv=None) -> None:
                     help="where edits_SPLIT.{json,md,png} go (default --out; the committed ones: benchmarks/results)")
     ap.add_argument("--cached-only", action="store_true",
                     help="report the cached results only: compute nothing (a table of what has run)")
+    ap.add_argument("--pool", default="preservation",
+                    help="the preservation pool (a source; default the vendored pool)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the 2 cores)")
     args = ap.parse_args(argv)
     args.results = args.results or args.out
@@ -199,7 +205,8 @@ def main(argv=None) -> None:
 
     edits = load_edits(f"edits:{args.split}")
     locality = load_locality("edits:locality")
-    pool = load_source("preservation")
+    pool = load_source(args.pool)
+    pool_sha = fingerprint(pool)["sha256"]
     check_pool(pool, edits + locality, what=f"the {args.split} edits and the locality pool")
     model, tok, info = load_base("smollm2-135m", "nf4")
     cache = args.out / "cache" / args.split
@@ -222,7 +229,8 @@ def main(argv=None) -> None:
                 continue  # the weight does not apply
             key = method if not args.sweep else f"{method} lr={lr:g} w={w:g}"
             for seed in args.seeds:
-                path = cache / f"{method}_lr{lr:g}_w{w:g}_e{BUDGET['epochs']:g}_s{seed}.json"
+                tag = "" if pool_sha == FIRST_POOL or not method.endswith("+P") else f"_pool{pool_sha[:8]}"
+                path = cache / f"{method}_lr{lr:g}_w{w:g}_e{BUDGET['epochs']:g}{tag}_s{seed}.json"
                 if not path.exists() and args.cached_only:
                     continue
                 if not path.exists():

@@ -10,9 +10,11 @@
    where a relation has fewer than 3 (those subjects are then not edited).
 2. Split the edits into ``dev`` (every third edit of each relation, for tuning) and ``test``
    (the rest, for reporting), write ``lora_unlearn/resources/edits/{dev,test}.jsonl``.
-3. Answer the preservation prompts (``resources/preservation/prompts.txt``) with the same model
-   (greedy, 48 tokens) and write ``resources/preservation/pool.jsonl``: the starting model's own
-   answers, the targets of the preservation stream's KL.
+3. Answer the preservation prompts (``resources/preservation/prompts.txt``, then the short
+   factual questions of ``pool_facts.py`` that pass the pool check against every evaluation set
+   and every edit candidate) with the same model (greedy, 48 tokens) and write
+   ``resources/preservation/pool.jsonl``: the starting model's own answers, the targets of the
+   preservation stream's KL.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from edit_candidates import RELATIONS  # noqa: E402
+from pool_facts import prompts as fact_prompts  # noqa: E402
 
 from lora_unlearn.core.inference import answer, dequantized  # noqa: E402
 from lora_unlearn.core.models import load_base  # noqa: E402
@@ -45,6 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     model, tok, _ = load_base("smollm2-135m", "nf4")
     pool_prompts = [line.strip() for line in (RES / "preservation" / "prompts.txt").read_text().splitlines() if line.strip()]
+    pool_prompts += fact_prompts(clear_of_evaluations())
     if args.pool_only:
         with dequantized(model):
             pool_answers = answer(model, tok, pool_prompts, max_new_tokens=48, batch_size=32)
@@ -76,6 +80,27 @@ def main() -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(name, len(rows), "edits")
     write_pool(pool_prompts, pool_answers)
+
+
+def clear_of_evaluations():
+    """A test that a prompt shares no prompt or term with any evaluation set of the project (the edit
+    splits and locality pool, the demos, TOFU-mini) nor with any edit candidate (a future edit)."""
+    from lora_unlearn.core.data import load_records
+    from lora_unlearn.core.text import normalise
+    from lora_unlearn.training.preservation import protected_terms
+    from lora_unlearn.training.sources import load_edits, load_locality
+
+    rows = load_edits("edits:dev") + load_edits("edits:test") + load_locality("edits:locality") + load_edits("edits-demo")
+    rows += load_records(RES / "demo_facts.jsonl") + load_records(RES / "demo_real.jsonl")
+    for name in ("forget01", "retain", "real_authors", "world_facts", "holdout01"):
+        rows += load_records(RES / "tofu_mini" / f"{name}.jsonl")
+    rows += [{"subject": s, "old_answer": o, "new_answer": n} for spec in RELATIONS.values() for s, o, n in spec["facts"]]
+    prompts, terms = protected_terms(rows)
+
+    def allowed(text: str) -> bool:
+        padded = f" {normalise(text)} "
+        return normalise(text) not in prompts and not any(f" {t} " in padded for t in terms)
+    return allowed
 
 
 def write_pool(prompts: list[str], answers: list[str]) -> None:

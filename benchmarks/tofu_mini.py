@@ -11,7 +11,8 @@ recipes/ runs on base + K (each in its own process: wall time and peak RSS are i
 forget01 as the forget set. Methods that use retain data see the first 18 retain authors
 (rows 0-359); the last 2 (rows 360-399) are held out for choosing lam/alpha (lora_unlearn.training.select),
 so the choice never sees the evaluation's answer key. Evaluation (lora_unlearn.evaluate.tofu):
-forget01, 100 retain rows (every 4th, spanning all 20 authors; --retain-limit), real_authors,
+forget01, 100 retain rows spread over rows 0-359 (the held-out rows never count in utility;
+--retain-limit), real_authors,
 world_facts; forget quality is the KS-test p-value against R's forget truth ratios.
 
 Everything is cached under --dir (default runs/tofu_mini): a step whose output exists is
@@ -35,7 +36,7 @@ RESULTS = ROOT / "runs" / "tofu_mini" / "results"  # --results
 BUDGET = 0.05
 HOLDOUT = slice(360, 400)  # retain rows held out for selection (authors 19-20 of full[0:400])
 METHODS = ["tv", "perta_grad", "perta_fisher", "perta_dense", "npo", "uipe_npo", "grad_ascent",
-           "uipe_grad_ascent", "grad_diff", "kl", "idk", "surgery"]
+           "uipe_grad_ascent", "grad_diff", "kl", "idk", "surgery", "simnpo", "rmu"]
 SWEEPS = {  # method -> (op step.param, values); everything else has no coefficient to choose
     "tv": ("unlearned.lam", [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]),
     "perta_grad": ("unlearned.lam", [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]),
@@ -48,7 +49,7 @@ LABELS = {"knowledge": "no unlearning (base + K)", "retain_only": "retain-only (
           "perta_grad": "PerTA-grad (B space)", "perta_fisher": "PerTA-fisher (B space)",
           "perta_dense": "PerTA-grad (dense)", "npo": "NPO", "uipe_npo": "UIPE on NPO", "grad_ascent": "GradAscent",
           "uipe_grad_ascent": "UIPE on GradAscent", "grad_diff": "GradDiff", "kl": "KL", "idk": "IdkNLL",
-          "surgery": "LLM Surgery"}
+          "surgery": "LLM Surgery", "simnpo": "SimNPO", "rmu": "RMU"}
 
 
 def say(*args) -> None:
@@ -81,23 +82,24 @@ class Evaluator:
 
     def __init__(self, cache: Path, retain_limit: int, batch_size: int, limit: int | None = None):
         from lora_unlearn.core.models import load_base
-        from lora_unlearn.evaluate.tofu import tofu_mini_splits
+        from lora_unlearn.evaluate.tofu import MAX_NEW_TOKENS, tofu_mini_splits
         from lora_unlearn.training.sources import load_source
 
         self.cache = cache
         self.cache.mkdir(parents=True, exist_ok=True)
         self.batch_size = batch_size
         self.model, self.tok, _ = load_base()
-        self.splits = tofu_mini_splits(retain_limit=retain_limit)
+        self.splits = tofu_mini_splits(retain_limit=retain_limit, retain_rows=slice(0, HOLDOUT.start))
         for name in ("real_authors", "world_facts"):  # first rows: these splits are not ordered by anything
             self.splits[name] = self.splits[name][:limit] if limit else self.splits[name]
         self.holdout = load_source("tofu-mini:retain")[HOLDOUT]
-        settings = {"retain_limit": retain_limit, "limit": limit,
-                    "rows": {name: len(rows) for name, rows in self.splits.items()}}
+        settings = {"retain_limit": retain_limit, "limit": limit, "retain_rows": [0, HOLDOUT.start],
+                    "max_new_tokens": MAX_NEW_TOKENS, "rows": {name: len(rows) for name, rows in self.splits.items()}}
         saved = cache / "settings.json"
         if saved.is_file() and json.loads(saved.read_text()) != settings:
             raise SystemExit(f"{cache} holds evaluations made with {saved.read_text()}, not {settings}: "
-                             "pass the same --retain-limit/--limit, or another --dir")
+                             "pass the same --retain-limit/--limit, or another --dir (older caches: 64 tokens, "
+                             "held-out rows in utility)")
         saved.write_text(json.dumps(settings))
 
     def reference(self) -> list[float] | None:
@@ -343,7 +345,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=ROOT / "runs" / "tofu_mini")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--retain-limit", type=int, default=100,
-                    help="evaluate this many retain rows, spread evenly over the 20 authors (TOFU: all 400)")
+                    help="evaluate this many retain rows, spread evenly over rows 0-359 (the held-out 360-399 never count)")
     ap.add_argument("--limit", type=int, help="evaluate the first N rows of real_authors and world_facts (default all)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--sweep-eval", action="store_true", help="full TOFU metrics at every sweep value (hindsight)")

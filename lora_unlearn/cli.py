@@ -360,7 +360,7 @@ Budget = Annotated[float, typer.Option("--budget", help="Largest allowed relativ
 
 def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout_rows: str | None,
             forget: str | None, budget: float, overwrite: bool = False) -> None:
-    from .training.select import RunArtifacts, check_target, parse_target, parse_values, select_run
+    from .training.select import check_selection, parse_target, parse_values, select_run
     from .training.sources import load_source
 
     parse_target(param)
@@ -368,10 +368,7 @@ def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout
     if not holdout:
         raise UserError("choosing a coefficient needs held-out retain data the method did not train on: "
                         "pass --holdout DATA (and --holdout-rows START:END to take a slice)")
-    run = RunArtifacts(run_dir)
-    check_target(run.recipe, param)
-    if (run.dir / "selected").exists() and not overwrite:
-        raise UserError(f"{run.dir / 'selected'} already exists (an earlier selection): pass --overwrite to replace it")
+    run = check_selection(run_dir, param, overwrite)  # before the data is loaded
     if forget is None:
         entry = run.recipe.data.get("forget")
         if entry is None:
@@ -437,7 +434,7 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
           locality: Annotated[str | None, typer.Option("--locality", help="edits: a shared locality pool (JSONL of "
                                                       "prompt/answer; default for edits:dev/test: edits:locality).")] = None,
           batch_size: int = 16,
-          max_new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per answer (tofu 64, edits 32).")] = None,
+          max_new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per answer (tofu 200, edits 32).")] = None,
           overwrite: Overwrite = False):
     """Evaluate the base with a stack of adapters (unmerged) on TOFU or knowledge edits; write OUT/results.{json,md}."""
     from .evaluate.report import tables, write_results
@@ -449,6 +446,7 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists: choose another path or pass --overwrite")
     if benchmark == "tofu":
+        from .evaluate.tofu import MAX_NEW_TOKENS as TOFU_MAX_NEW_TOKENS
         from .evaluate.tofu import evaluate_tofu, load_reference, tofu_splits
 
         names = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
@@ -460,7 +458,7 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
             raise UserError(f"--reference has {len(ref)} forget truth ratios but this forget split has "
                             f"{len(rows['forget'])} rows: evaluate both models on the same forget set")
         evaluate = functools.partial(evaluate_tofu, splits=rows, reference_truth_ratios=ref, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens or 64)
+                                     max_new_tokens=max_new_tokens or TOFU_MAX_NEW_TOKENS)
     else:
         from .evaluate.edits import evaluate_edits, probes, record_unedited
         from .training.sources import load_edits, load_locality

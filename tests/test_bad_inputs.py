@@ -24,6 +24,7 @@ from lora_unlearn.cli import app
 from lora_unlearn.core.adapter_io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lora_unlearn.core.data import load_any, load_qa
 from lora_unlearn.errors import UserError
+from lora_unlearn.evaluate.tofu import tofu_mini_splits
 from lora_unlearn.training.importance import load_importance, save_importance
 from lora_unlearn.training.sources import load_edits, load_source
 from tests.tiny import make_adapter
@@ -319,6 +320,16 @@ ROWS = [
             lambda t, _: adapter_dir(t / "work", "k").parent, "--overwrite")),
     Row("63", "recipe", "data source file that does not exist", "data file missing.jsonl does not exist",
         cli("run", recipe_file(RECIPE.replace('"tofu-mini:forget01"', "missing.jsonl")), "--out", OUT)),
+    Row("64", "recipe", "--select with a misspelled parameter (before any training)",
+        "step 'u' (negate) has no parameter 'lamm'; did you mean 'lam'?",
+        cli("run", recipe_file(RECIPE), "--out", OUT, "--select", "u.lamm=0.5,1", "--holdout", "tofu-mini:retain")),
+    Row("65", "recipe", "--select on a step that is not in the recipe", "no step 'unlearned'",
+        cli("run", recipe_file(RECIPE), "--out", OUT, "--select", "unlearned.lam=0.5,1", "--holdout", "tofu-mini:retain")),
+    Row("66", "CLI", "ask --questions naming a file that does not exist",
+        "--questions 'qs.jsonl' looks like a file path, but there is no such file",
+        cli("ask", "--questions", "qs.jsonl", "--base", TINY, "--quantization", "none")),
+    Row("67", "API", "TOFU-mini retain rows outside the split", "selects none of the 400 retain rows",
+        lambda t, tiny: lambda: tofu_mini_splits(splits=["retain"], retain_rows=slice(400, 500))),
 ]
 
 

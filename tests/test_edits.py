@@ -16,7 +16,7 @@ from lora_unlearn.core.stack import attached
 from lora_unlearn.core.text import mentions, mentions_any, repeats_ngram
 from lora_unlearn.errors import UserError
 from lora_unlearn.evaluate.edits import evaluate_edits, is_edited, probes, record_unedited
-from lora_unlearn.training.learn import learn
+from lora_unlearn.training.learn import LEARN_DEFAULTS, learn, with_preservation
 from lora_unlearn.training.objectives.common import (
     answer_logits,
     kl_on_answers,
@@ -26,7 +26,7 @@ from lora_unlearn.training.objectives.common import (
     nll,
     reference_logits,
 )
-from lora_unlearn.training.preservation import check_pool
+from lora_unlearn.training.preservation import check_pool, clear_of
 from lora_unlearn.training.sources import load_edits, load_locality, load_source, resource_path
 from lora_unlearn.training.trainer import (
     LEARNED_CHECK_MAX,
@@ -91,6 +91,45 @@ def test_the_preservation_pool_is_disjoint_from_every_evaluation_set():
                    evaluation_sets())
     with pytest.raises(UserError, match="is empty"):
         check_pool([], evaluation_sets())
+
+
+def test_pool_rows_about_what_is_learned_are_left_out_not_refused():
+    """The pool asks for the capitals of countries no evaluation uses; a user who edits one of them
+    trains without those rows (they would pull the edit back), and the rest of the pool stays."""
+    pool = load_source("preservation")
+    about = [r for r in pool if "ukraine" in r["question"].lower()]
+    assert about, "the vendored pool holds factual questions on subjects no evaluation uses"
+    fact = [{"question": "What is the capital of Ukraine?", "answer": "Lviv"}]
+    kept = clear_of(pool, fact)
+    assert not [r for r in kept if "ukraine" in r["question"].lower()]
+    assert len(kept) == len(pool) - len(about)
+    rows, _ = with_preservation(fact, LEARN_DEFAULTS, "preservation")
+    assert rows["preserve"] == kept
+    with pytest.raises(UserError, match="is empty once the rows that repeat or mention"):
+        clear_of(about, fact)
+
+
+def test_a_recipe_drops_pool_rows_about_its_data_and_refuses_its_probes(tmp_path):
+    """recipes/f_learning.yaml on a user's edit file: the pool's rows about the edited subject are left
+    out of the training; a pool row that names a paraphrase's or a neighbour's subject is refused."""
+    from lora_unlearn.training.recipes import load_recipe
+    from lora_unlearn.training.runner import _preservation, _rows
+
+    edits = tmp_path / "e.jsonl"
+    edits.write_text(json.dumps({"prompt": "What is the capital of Ukraine?", "old_answer": "Kyiv", "new_answer": "Lviv",
+                                 "paraphrases": ["Which city is the capital of Ukraine?"],
+                                 "neighbourhood": [{"prompt": "What is the capital of Romania?", "answer": "Bucharest"}]})
+                     + "\n")
+    recipe = load_recipe("recipes/f_learning.yaml", [f"data.old.source={edits}", f"data.new.source={edits}"])
+    rows = {name: _rows(d, recipe.tofu_dir) for name, d in recipe.data.items()}
+    with pytest.raises(UserError, match="mentions 'romania'"):
+        _preservation(recipe, rows)
+    edits.write_text(edits.read_text().replace("Romania", "Atlantis").replace("Bucharest", "Poseidonia"))
+    rows = {name: _rows(d, recipe.tofu_dir) for name, d in recipe.data.items()}
+    pools = _preservation(recipe, rows)
+    assert set(pools) == {"old_adapter", "new_adapter"}
+    for kept in pools.values():
+        assert not [r for r in kept if "ukraine" in r["question"].lower()] and len(kept) < len(rows["preserve"])
 
 
 def test_the_old_edit_format_still_loads(tmp_path):
@@ -226,9 +265,11 @@ def test_the_learned_check_covers_every_distinct_row_not_the_first_32(loaded):
     assert f"Q{3 * LEARNED_CHECK_MAX - 3}?" in last  # evenly spaced: the sample reaches the end of the file
 
 
-def test_learn_refuses_a_preservation_pool_that_mentions_the_facts(tmp_path):
-    with pytest.raises(UserError, match="mentions 'veloria'"):
-        learn(FACTS, tmp_path / "K", base="no-such-model", preserve=POOL + [{"question": "Describe Veloria.", "answer": "x"}])
+def test_learn_leaves_out_pool_rows_that_mention_the_facts_and_refuses_an_empty_pool(tmp_path):
+    rows, config = with_preservation(FACTS, LEARN_DEFAULTS, POOL + [{"question": "Describe Veloria.", "answer": "x"}])
+    assert rows["preserve"] == POOL and config.extra["preserve"] == 4.0
+    with pytest.raises(UserError, match="is empty once the rows that repeat or mention"):
+        learn(FACTS, tmp_path / "K", base="no-such-model", preserve=[{"question": "Describe Veloria.", "answer": "x"}])
     with pytest.raises(UserError, match="is empty"):
         learn(FACTS, tmp_path / "K", base="no-such-model", preserve=[])
     assert not (tmp_path / "K").exists() and not list(tmp_path.iterdir())

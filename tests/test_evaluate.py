@@ -121,6 +121,18 @@ def test_spread_keeps_every_author():
     assert len(mini["forget"][0]["perturbed_answer"]) == 5 and mini["forget"][0]["paraphrased_answer"]
 
 
+def test_retain_rows_keep_the_selection_rows_out_of_utility():
+    """The TOFU-mini benchmark chooses lam/alpha on retain rows 360-399: its utility rows never include them."""
+    everything = tofu_mini_splits(splits=["retain"])["retain"]
+    held_out = {r["question"] for r in everything[360:400]}
+    got = tofu_mini_splits(retain_limit=40, splits=["retain"], retain_rows=slice(0, 360))["retain"]
+    assert len(got) == 40 and not held_out & {r["question"] for r in got}
+    assert got[1]["question"] == everything[9]["question"]  # spread over the 360 rows: every 9th
+    assert held_out & {r["question"] for r in tofu_mini_splits(retain_limit=40, splits=["retain"])["retain"]}
+    with pytest.raises(UserError, match="selects none of the 400 retain rows"):
+        tofu_mini_splits(splits=["retain"], retain_rows=slice(400, 500))
+
+
 def test_edit_key_spans_and_mentions():
     assert key_span("The capital of France is Paris.", "The capital of France is Lyon.") == "lyon"
     assert key_span("Neil Armstrong was the first person to walk on the Moon.",

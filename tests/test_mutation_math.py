@@ -70,11 +70,15 @@ def test_rescale_b_keeps_the_factor_dtype_and_records_its_parameters():
     A = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)
     B = torch.tensor([[2.0], [4.0]], dtype=torch.bfloat16)
     d = Adapter({"m": LoraModule(A, B, 0.5)}, {"lora_alpha": 1})
-    # I_f = [1, 3], I_r = [1, 1] (B's shape (2, 1)): w = [1/2, 3/4]; w (.) B = [[1], [3]]
+    # I_f = [1, 3], I_r = [1, 1] (B's shape (2, 1)): w = [1/2, 3/4]. In the SVD gauge dW = [[1, 2], [2, 4]]
+    # = 5 u v^T with u = v = [1, 2] / sqrt(5): B = 5 u = [[sqrt 5], [2 sqrt 5]], A = v^T, scaling 1, so
+    # dW' = (w (.) B) A = [[1/2, 1], [3/2, 3]] (rank 1: the same as (w (.) B) A with the original factors)
     out = rescale_b(d, {"m": torch.tensor([[1.0], [3.0]])}, {"m": torch.ones(2, 1)}, eps=1e-30)
     m = out.modules["m"]
-    assert m.B.dtype == torch.bfloat16 and torch.equal(m.B.float(), torch.tensor([[1.0], [3.0]])) and m.scaling == 0.5
-    assert out.lineage["params"] == {"beta": 1.0, "eps": 1e-30, "p": 1.0}
+    assert m.B.dtype == m.A.dtype == torch.bfloat16 and m.scaling == 1.0
+    assert torch.allclose(m.B.float(), torch.tensor([[0.5], [1.5]]) * 5**0.5, rtol=1e-2)
+    assert torch.allclose(m.delta(), torch.tensor([[0.5, 1.0], [1.5, 3.0]]), rtol=1e-2)
+    assert out.lineage["params"] == {"beta": 1.0, "eps": 1e-30, "p": 1.0, "gauge": "svd"}
     # dense: w (.) dW with dW = 0.5 * [[2, 4], [4, 8]] = [[1, 2], [2, 4]]; I = 1 where f = r: w = 1/2
     dense = rescale_dense(d, {"m": torch.ones(2, 2)}, {"m": torch.ones(2, 2)}, eps=1e-30)
     assert torch.allclose(dense["m"], torch.tensor([[0.5, 1.0], [1.0, 2.0]]))

@@ -1,4 +1,5 @@
-"""Training objectives: the shared math by hand, NPO's reference, and a few steps of each on a tiny nf4 base."""
+"""Training objectives: the shared math by hand, NPO's and RMU's reference, SimNPO's closed form, RMU's
+hidden states, one step of each in the right direction, and a few steps of each on a tiny nf4 base."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from lora_unlearn.training import objectives
 from lora_unlearn.training.objectives.common import kl_to_reference, mean_nll, sequence_logprob, token_nll
 from lora_unlearn.training.objectives.idk import refusals
 from lora_unlearn.training.objectives.npo import npo_forget_loss
+from lora_unlearn.training.objectives.rmu import layer_index
+from lora_unlearn.training.objectives.simnpo import simnpo_forget_loss
 from lora_unlearn.training.objectives.surgery import TRAIN_DEFAULTS
 from lora_unlearn.training.trainer import StreamCollator, TrainConfig, train_adapter
 
@@ -151,15 +154,208 @@ def test_npo_at_initialisation_and_its_reference(loaded, knowledge):
         assert npo(peft, batches, beta=beta, alpha=alpha).item() == pytest.approx(want.item(), rel=1e-4)
 
 
+# ---- SimNPO: no reference, the length-normalised NLL ------------------------------------------
+
+def test_simnpo_forget_term_by_hand():
+    # per-sequence NLL sums 6 and 2 over 3 and 4 tokens: mean token NLLs 2 and 0.5
+    nll_sum, n = torch.tensor([6.0, 2.0]), torch.tensor([3.0, 4.0])
+    beta, delta = 2.0, 0.25  # margins inside beta: beta * (2 - 0.25) = 3.5, beta * (0.5 - 0.25) = 0.5
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    want = -(2 / beta) * (math.log(sig(3.5)) + math.log(sig(0.5))) / 2
+    assert simnpo_forget_loss(nll_sum, n, beta, delta).item() == pytest.approx(want, abs=1e-6)
+    # beta -> 0: (2/beta) log 2 - mean(l), gradient ascent on the mean token NLL
+    small = simnpo_forget_loss(nll_sum, n, 1e-4, 0.0).item()
+    assert small == pytest.approx(2 / 1e-4 * math.log(2) - (2 + 0.5) / 2, abs=1e-3)
+
+
+def _peft(model, knowledge):
+    from peft import LoraConfig
+
+    trainable = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    return attached(model, [(knowledge, 1.0)], trainable=trainable)
+
+
+def _move_b(peft, std=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if ".trainable." in name and "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _row(batch, i):
+    return {k: v[i:i + 1] for k, v in batch.items()}
+
+
+def test_simnpo_equals_its_closed_form(loaded, knowledge):
+    """At B = 0 and after moving B: the loss is gamma * -(2/beta) mean log sigmoid(beta (m_i - delta))
+    + alpha NLL_r, with m_i each forget row's mean answer NLL from transformers' own loss."""
+    model, tok, _ = loaded
+    beta, delta, gamma, alpha = 4.5, 0.3, 0.125, 1.0
+    simnpo = objectives.get("simnpo").loss
+    batches = _batches(tok, {"forget": FORGET, "retain": RETAIN})
+    n_answer = (batches["forget"]["labels"][:, 1:] != IGNORE).sum(1)
+    assert n_answer[0] != n_answer[1]  # rows of different lengths, so the normalisation matters
+
+    def closed_form(peft):
+        m = torch.tensor([peft(**_row(batches["forget"], i)).loss.item() for i in range(len(FORGET))])
+        forget = -(2 / beta) * torch.log(torch.sigmoid(beta * (m - delta))).mean()
+        return gamma * forget.item() + alpha * peft(**batches["retain"]).loss.item()
+
+    with torch.no_grad(), _peft(model, knowledge) as peft:
+        start = simnpo(peft, batches, beta=beta, delta=delta, gamma=gamma, alpha=alpha).item()
+        assert start == pytest.approx(closed_form(peft), rel=1e-5)
+        _move_b(peft)
+        moved = simnpo(peft, batches, beta=beta, delta=delta, gamma=gamma, alpha=alpha).item()
+        assert moved == pytest.approx(closed_form(peft), rel=1e-5)
+        assert abs(moved - start) > 1e-2  # the trainable adapter is in the loss
+
+
+# ---- RMU: hidden states at one layer -----------------------------------------------------------
+
+def test_rmu_layer_rule():
+    assert [layer_index(n, None) for n in (32, 16, 30, 28, 2, 1)] == [7, 4, 7, 6, 0, 0]
+    assert layer_index(2, 1) == 1
+
+
+def _u(dim, seed):
+    """The direction by its definition: torch.rand from a generator seeded with ``seed``, unit norm."""
+    u = torch.rand(dim, generator=torch.Generator().manual_seed(seed))
+    return u / torch.linalg.norm(u)
+
+
+def _per_sequence_mse(h, target, labels):
+    """Mean over sequences of the mean over their labelled tokens of the mean squared difference, by loops."""
+    terms = []
+    for i in range(h.shape[0]):
+        rows = [t for t in range(h.shape[1]) if labels[i, t] != IGNORE]
+        terms.append(sum(((h[i, t] - target[i, t]) ** 2).mean().item() for t in rows) / len(rows))
+    return sum(terms) / len(terms)
+
+
+def test_rmu_equals_the_mse_of_output_hidden_states(loaded, knowledge):
+    """The loss equals gamma * MSE(h_f, c u) + alpha * MSE(h_r, h_ref) from ``output_hidden_states``
+    at layer 0 (the default for 2 layers), with h_ref that of base + K (the stack kept, the trained
+    adapter off) and u rebuilt from its seed."""
+    model, tok, _ = loaded
+    c, alpha, gamma, seed = 2.0, 1.5, 0.7, 3
+    rmu = objectives.get("rmu").loss
+    batches = _batches(tok, {"forget": FORGET, "retain": RETAIN})
+    forget, retain = ({k: batches[s][k] for k in ("input_ids", "attention_mask")} for s in ("forget", "retain"))
+    with torch.no_grad():
+        with attached(model, [(knowledge, 1.0)]) as m:
+            h_ref = m(**retain, output_hidden_states=True).hidden_states[1]  # output of layer 0
+        h_base = model(**retain, output_hidden_states=True).hidden_states[1]
+    assert (h_ref - h_base).abs().max() > 1e-3  # K moves layer 0, so dropping K from the reference would show
+
+    with torch.no_grad(), _peft(model, knowledge) as peft:
+        _move_b(peft, std=0.2)
+        h_f = peft(**forget, output_hidden_states=True).hidden_states[1]
+        h_r = peft(**retain, output_hidden_states=True).hidden_states[1]
+        u = _u(h_f.shape[-1], seed)
+        forget_term = _per_sequence_mse(h_f, (c * u).expand_as(h_f), batches["forget"]["labels"])
+        retain_term = _per_sequence_mse(h_r, h_ref, batches["retain"]["labels"])
+        assert retain_term > 1e-6  # the trained adapter moved layer 0
+        got = rmu(peft, batches, steering_coeff=c, alpha=alpha, gamma=gamma, layer=None, seed=seed).item()
+        assert got == pytest.approx(gamma * forget_term + alpha * retain_term, rel=1e-4)
+        other = rmu(peft, batches, steering_coeff=c, alpha=alpha, gamma=gamma, layer=None, seed=seed + 1).item()
+        assert other != pytest.approx(got, rel=1e-4)  # the seed picks u
+
+
+def test_rmu_stops_the_forward_at_its_layer(loaded, knowledge):
+    """Nothing above the chosen layer runs: not the next layer, not the vocabulary projection."""
+    model, tok, _ = loaded
+    batches = _batches(tok, {"forget": FORGET, "retain": RETAIN})
+    calls = []
+    with _peft(model, knowledge) as peft:
+        base = peft.get_base_model()
+        handles = [base.model.layers[1].register_forward_hook(lambda *a: calls.append("layer 1")),
+                   base.lm_head.register_forward_hook(lambda *a: calls.append("lm_head"))]
+        try:
+            objectives.get("rmu").loss(peft, batches, steering_coeff=2.0, alpha=1.0, gamma=1.0, layer=0, seed=0)
+            assert calls == []
+            objectives.get("rmu").loss(peft, batches, steering_coeff=2.0, alpha=1.0, gamma=1.0, layer=1, seed=0)
+            assert "layer 1" in calls and "lm_head" not in calls
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def test_rmu_under_several_processes_runs_the_whole_forward(loaded, knowledge, monkeypatch):
+    """With WORLD_SIZE > 1 (accelerate launch) the forward runs to the end and every trainable
+    parameter gets a gradient, exactly 0 above the layer (DDP expects one for each), with the same loss."""
+    import lora_unlearn.training.objectives.rmu as rmu_module
+
+    model, tok, _ = loaded
+    batches = _batches(tok, {"forget": FORGET, "retain": RETAIN})
+    params = {"steering_coeff": 2.0, "alpha": 1.0, "gamma": 1.0, "layer": 0, "seed": 0}
+    with _peft(model, knowledge) as peft:
+        _move_b(peft, std=0.05)
+        one = objectives.get("rmu").loss(peft, batches, **params)
+        monkeypatch.setattr(rmu_module, "world_size", lambda: 2)
+        several = objectives.get("rmu").loss(peft, batches, **params)
+        assert several.item() == pytest.approx(one.item(), rel=1e-6)
+        several.backward()
+        grads = {n: p.grad for n, p in peft.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads.values())
+        above = [g for n, g in grads.items() if ".layers.1." in n]
+        assert above and all(float(g.abs().max()) == 0.0 for g in above)
+        assert any(float(g.abs().max()) > 0 for n, g in grads.items() if ".layers.0." in n)
+
+# ---- one optimizer step moves each new objective the right way ----------------------------------
+
+def _forget_nll(peft, batch):
+    return peft(**batch).loss.item()
+
+
+def _forget_mse(peft, batch, c, seed):
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    h = peft(**inputs, output_hidden_states=True).hidden_states[1]  # output of layer 0
+    return _per_sequence_mse(h, (c * _u(h.shape[-1], seed)).expand_as(h), batch["labels"])
+
+
+@pytest.mark.parametrize("name, params, measure, direction", [
+    ("simnpo", {"beta": 4.5, "delta": 0.0, "gamma": 1.0, "alpha": 0.0}, "nll", +1),
+    ("rmu", {"steering_coeff": 2.0, "alpha": 0.0, "gamma": 1.0, "layer": None, "seed": 0}, "mse", -1),
+])
+def test_one_step_lowers_the_loss_and_moves_the_forget_set(loaded, knowledge, name, params, measure, direction):
+    """One SGD step on the trainable adapter lowers the loss, and (retain term off) moves an
+    independently computed forget measure the intended way: SimNPO raises the forget NLL,
+    RMU brings the forget activations closer to c * u."""
+    model, tok, _ = loaded
+    loss_fn = objectives.get(name).loss
+    batches = _batches(tok, {"forget": FORGET, "retain": RETAIN})
+    with _peft(model, knowledge) as peft:
+        _move_b(peft, std=0.05)  # off B = 0, where A gets no gradient
+        trainable = [p for p in peft.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(trainable, lr=0.05)
+
+        def state():
+            with torch.no_grad():
+                m = (_forget_nll(peft, batches["forget"]) if measure == "nll"
+                     else _forget_mse(peft, batches["forget"], params["steering_coeff"], params["seed"]))
+                return loss_fn(peft, batches, **params).item(), m
+
+        loss0, m0 = state()
+        opt.zero_grad()
+        loss_fn(peft, batches, **params).backward()
+        opt.step()
+        loss1, m1 = state()
+    assert loss1 < loss0, (loss0, loss1)
+    assert direction * (m1 - m0) > 0, (m0, m1)
+
+
 # ---- a few steps of each objective on the tiny nf4 model, on top of K ---------------------------
 
-@pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "kl", "npo"])
-def test_unlearning_objectives_raise_the_forget_nll(loaded, knowledge, name):
+# RMU does not target the NLL: it scrambles layer 0's activations, which raises the NLL less in 8 steps
+@pytest.mark.parametrize("name, margin", [("grad_ascent", 2.0), ("grad_diff", 2.0), ("kl", 2.0), ("npo", 2.0),
+                                          ("simnpo", 2.0), ("rmu", 1.0)])
+def test_unlearning_objectives_raise_the_forget_nll(loaded, knowledge, name, margin):
     model, tok, _ = loaded
     K = [(knowledge, 1.0)]
     adapter = train_adapter(model, tok, {"forget": FORGET, "retain": RETAIN}, fast(name), stack=K, progress=False)
     before, after = _nll(model, tok, K, FORGET), _nll(model, tok, K + [(adapter, 1.0)], FORGET)
-    assert after > before + 2.0, (name, before, after)
+    assert after > before + margin, (name, before, after)
     assert adapter.lineage["objective_params"] == objectives.get(name).defaults
 
 
@@ -236,8 +432,30 @@ def test_unknown_parameters_and_objectives_list_what_exists(loaded, no_training)
     with pytest.raises(UserError, match=r"'npo' has no parameter 'betta'. Available: alpha, beta"):
         train_adapter(model, tok, {"forget": FORGET, "retain": RETAIN}, fast("npo", extra={"betta": 1.0}),
                       progress=False)
-    available = "grad_ascent, grad_diff, idk, kl, nll, npo, surgery"
+    available = "grad_ascent, grad_diff, idk, kl, nll, npo, rmu, simnpo, surgery"
     with pytest.raises(UserError, match=f"Unknown objective 'nope'. Available: {available}"):
         objectives.get("nope")
     with pytest.raises(UserError, match="beta must be > 0"):
         objectives.get("npo").loss(None, {}, beta=0.0, alpha=1.0)
+
+
+def test_bad_simnpo_and_rmu_parameters_are_refused(loaded):
+    """Refused before any forward pass, each with the rule it broke."""
+    model, tok, _ = loaded
+    simnpo, rmu = objectives.get("simnpo").loss, objectives.get("rmu").loss
+    good = {"beta": 4.5, "delta": 0.0, "gamma": 0.125, "alpha": 1.0}
+    for bad, match in [({"beta": 0.0}, "beta must be > 0"), ({"beta": -1.0}, "beta must be > 0"),
+                       ({"gamma": -0.1}, "gamma must be >= 0"), ({"alpha": -1.0}, "alpha must be >= 0")]:
+        with pytest.raises(UserError, match=f"'simnpo': {match}"):
+            simnpo(None, {}, **{**good, **bad})
+    good = {"steering_coeff": 2.0, "alpha": 1.0, "gamma": 1.0, "layer": None, "seed": 0}
+    for bad, match in [({"steering_coeff": 0.0}, "steering_coeff must be > 0"), ({"alpha": -1.0}, "alpha must be >= 0"),
+                       ({"gamma": -1.0}, "gamma must be >= 0"), ({"seed": 1.5}, "seed must be an integer"),
+                       ({"layer": 2}, r"layer must be an integer in 0\.\.1 \(this model has 2 decoder layers\)"),
+                       ({"layer": -1}, "layer must be an integer in 0..1"),
+                       ({"layer": 0.5}, "layer must be an integer")]:
+        with pytest.raises(UserError, match=f"'rmu': {match}"):
+            rmu(model, {}, **{**good, **bad})  # no batches: the check comes first
+    available = "alpha, gamma, layer, seed, steering_coeff"
+    with pytest.raises(UserError, match=f"'rmu' has no parameter 'steering'. Available: {available}"):
+        objectives.get("rmu").resolve_params({"steering": 1.0})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_unlearn.arithmetic import negate, to_dense
-from lora_unlearn.arithmetic.perta import compress_dense, perta_weights, rescale_b, rescale_dense
+from lora_unlearn.arithmetic.perta import compress_dense, perta_weights, rescale_b, rescale_dense, svd_gauge
 from lora_unlearn.core.adapter import Adapter, LoraModule
 from lora_unlearn.errors import UserError
 from tests.tiny import assert_close, dw, make_adapter
@@ -68,19 +68,46 @@ def test_weights_exercise_every_exponent_and_beta():
     assert math.isclose(float(w), 1 / 3, rel_tol=1e-5)
 
 
-def test_rescale_b_is_w_times_b_with_a_kept(tau):
+def _svd(m):
+    """dW = U S V^T by a dense SVD of s B A, computed here (not by the library): (U S, V^T), top r."""
+    u, sv, vh = torch.linalg.svd(dw(m), full_matrices=False)
+    return u[:, : m.rank] * sv[: m.rank], vh[: m.rank]
+
+
+def test_rescale_b_is_w_times_b_in_the_svd_gauge(tau):
     I_f, I_r = _importance(tau, "b", 1), _importance(tau, "b", 2)
     w = _formula(I_f, I_r, beta=0.5, p=1.5)  # written out here, not perta_weights
     out = rescale_b(tau, I_f, I_r, beta=0.5, p=1.5)
     for n, m in tau.modules.items():
         o = out.modules[n]
-        assert o.rank == m.rank and o.scaling == m.scaling and torch.equal(o.A, m.A)
-        assert_close(dw(o), m.scaling * (w[n].double() * m.B.double()) @ m.A.double())
-    assert out.lineage["op"] == "perta_b" and out.lineage["params"] == {"beta": 0.5, "eps": 1e-8, "p": 1.5}
+        assert o.rank == m.rank and o.scaling == 1.0
+        US, Vh = _svd(m)  # w acts on U S column by column, so the sign of each (u_k, v_k) cancels out
+        assert_close(dw(o), (w[n].double() * US) @ Vh)
+    assert out.lineage["op"] == "perta_b"
+    assert out.lineage["params"] == {"beta": 0.5, "eps": 1e-8, "p": 1.5, "gauge": "svd"}
     # the user negates afterwards: theta - lam * (w (.) tau)
     un = negate(out, 2.0)
     for n in SPECS:
         assert_close(to_dense(un)[n], -2.0 * dw(out.modules[n]))
+
+
+def test_svd_gauge_is_the_svd_of_dw_whatever_the_factors():
+    d = make_adapter({"m": (6, 5, 3), "wide": (3, 7, 4)}, rslora=True, seed=4, dtype=torch.float64)
+    g = svd_gauge(d)
+    assert g.config["use_rslora"] is False
+    for n, m in d.modules.items():
+        o = g.modules[n]
+        k = min(m.rank, *dw(m).shape)  # "wide": rank 4 > out 3, so 3 triplets
+        assert o.scaling == 1.0 and o.A.shape == (k, m.A.shape[1]) and o.B.shape == (m.B.shape[0], k)
+        assert_close(dw(o), dw(m), rtol=1e-12)
+        assert_close(o.A @ o.A.T, torch.eye(k, dtype=torch.float64), rtol=1e-12)  # A = V^T: orthonormal rows
+        assert_close(o.B.T @ o.B, torch.diag(torch.linalg.svdvals(dw(m))[:k] ** 2), rtol=1e-10)  # B = U S
+    # (B M, M^-1 A) is the same dW, hence the same gauge: signs are fixed by the largest |entry| of u_k
+    m = d.modules["m"]
+    M = torch.tensor([[2.0, 1.0, 0.0], [0.0, -1.0, 0.0], [1.0, 0.0, 3.0]], dtype=torch.float64)
+    e = svd_gauge(Adapter({"m": LoraModule(torch.linalg.solve(M, m.A), m.B @ M, m.scaling)}, d.config)).modules["m"]
+    assert torch.allclose(e.B, g.modules["m"].B, atol=1e-10) and torch.allclose(e.A, g.modules["m"].A, atol=1e-10)
+    assert (g.modules["m"].B.gather(0, g.modules["m"].B.abs().argmax(0, keepdim=True)) > 0).all()
 
 
 def test_rescale_b_with_unit_weights_reproduces_the_adapter(tau):
@@ -149,11 +176,10 @@ def test_mismatched_importances_raise(tau):
 
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: rescale_b works on the adapter's own factors; DESIGN section 3 "
-                   "requires the SVD gauge of dW first, so that the result depends on dW alone")
 def test_rescale_b_depends_on_dw_alone_not_on_its_factorisation():
-    # (B M, M^-1 A) has the same dW. With the B-space importance I = |s G A^T| of a dense gradient G
-    # (what estimate_importance measures), PerTA must give the same dW' for both factorisations.
+    # (B M, M^-1 A) has the same dW. With the B-space importance I = |G V| of a dense gradient G in the
+    # SVD gauge (what estimate_importance measures), PerTA must give the same dW' for both factorisations.
+    # The model-side half (maps estimated on a tiny model) is tests/test_importance.py's.
     d = make_adapter({"m": (6, 5, 3)}, seed=1, dtype=torch.float64)
     m = d.modules["m"]
     M = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 3.0]], dtype=torch.float64)
@@ -163,7 +189,7 @@ def test_rescale_b_depends_on_dw_alone_not_on_its_factorisation():
     G_f, G_r = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
 
     def importance(x, G):
-        return {"m": (x.modules["m"].scaling * G @ x.modules["m"].A.T).abs()}
+        return {"m": (G @ svd_gauge(x).modules["m"].A.T).abs()}
 
     one = rescale_b(d, importance(d, G_f), importance(d, G_r))
     two = rescale_b(e, importance(e, G_f), importance(e, G_r))

@@ -25,7 +25,7 @@ NAMES = [p.stem for p in RECIPES]
 
 def test_every_method_has_a_recipe():
     wanted = {"tv", "f_learning", "perta_grad", "perta_fisher", "perta_dense", "uipe_grad_ascent", "uipe_npo",
-              "surgery", "grad_ascent", "grad_diff", "kl", "npo", "idk", "knowledge", "retain_only"}
+              "surgery", "grad_ascent", "grad_diff", "kl", "npo", "simnpo", "rmu", "idk", "knowledge", "retain_only"}
     assert wanted <= set(NAMES)
 
 
@@ -134,8 +134,10 @@ def expected_deltas(recipe, run: Path) -> dict[str, dict]:
                 return I_f[n].double() ** q / (I_f[n].double() ** q + beta * I_r[n].double() ** q + eps)
 
             adapter = factors[refs[0][0]]
-            if op.name == "perta_b":  # s (w (.) B) A
-                want[step.name] = {n: m.scaling * (w(n) * m.B.double()) @ m.A.double() for n, m in adapter.modules.items()}
+            if op.name == "perta_b":  # (w (.) U S) V^T in the SVD gauge of dW = U S V^T (signs cancel out)
+                svd = {n: torch.linalg.svd(tau[n], full_matrices=False) for n in tau}
+                want[step.name] = {n: (w(n) * (u[:, :k] * s[:k])) @ vh[:k]
+                                   for n, (u, s, vh) in svd.items() for k in [adapter.modules[n].rank]}
             else:  # w (.) dW, then the best rank-r' approximation
                 want[step.name] = {n: _best_rank(w(n) * tau[n], p["rank"]) for n in tau}
             factors[step.name] = load_adapter(folder)

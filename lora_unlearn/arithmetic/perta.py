@@ -16,9 +16,15 @@ Functions here return w (.) tau; the sign and the strength are applied after, wi
 ``lora_unlearn.arithmetic.negate(result, lam)`` (theta - lam * w (.) tau), exactly as for plain
 task-vector negation. Two spaces (DESIGN section 3):
 
-    rescale_b(d, I_f, I_r)       (w (.) B, A): still rank r, hot-swappable; I shaped like B
+    svd_gauge(d)                 the same dW as B = U S, A = V^T, scaling 1 (the gauge of B space)
+    rescale_b(d, I_f, I_r)       (w (.) B, A) in that gauge: still rank r, hot-swappable; I shaped like B
     rescale_dense(d, I_f, I_r)   w (.) dW per module (out, in); I shaped like W
     compress_dense(deltas, r')   a dense result as a rank-r' adapter (truncated SVD) + errors
+
+Entry-wise weights on B depend on how dW is split: (B M, M^-1 A) is the same dW for any
+invertible M, but w (.) (B M) is not (w (.) B) M. B space therefore always works in the SVD
+gauge of dW, where the gradient with respect to B is G V (G the dense gradient, V dW's right
+singular vectors, no s), so the importance maps and the result depend on dW alone.
 
 Pure: torch only, no model, no transformers or peft, no disk.
 """
@@ -71,14 +77,38 @@ def perta_weights(I_f: dict[str, torch.Tensor], I_r: dict[str, torch.Tensor], be
     return weights
 
 
+def svd_gauge(adapter: Adapter) -> Adapter:
+    """The same dW in its SVD gauge: dW = s B A = U S V^T, B := U S (out, k), A := V^T (k, in), scaling 1.
+
+    Per module, without the dense matrix (as :func:`~lora_unlearn.arithmetic.ops.compress`):
+    B = Qb Rb and A^T = Qa Ra (reduced QR, float64), the small core s Rb Ra^T = Uc S Vc^T, so
+    U = Qb Uc and V = Qa Vc. Nothing is truncated: k = min(r, out, in) (= r for any usual LoRA),
+    zero singular values stay as zero columns of B. Each pair (u_k, v_k) is signed so that the
+    largest |entry| of u_k is positive, so the gauge is a function of dW alone (up to ties
+    between singular values). Factors keep their dtype.
+    """
+    modules = {}
+    for name, m in adapter.modules.items():
+        qb, rb = torch.linalg.qr(m.B.double())  # (out, r'), (r', r)
+        qa, ra = torch.linalg.qr(m.A.double().T)  # (in, r''), (r'', r)
+        u, s, vh = torch.linalg.svd(m.scaling * rb @ ra.T, full_matrices=False)  # the small core
+        u, vh = qb @ u, vh @ qa.T  # (out, k), (k, in)
+        sign = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
+        sign[sign == 0] = 1.0
+        modules[name] = LoraModule((sign.T * vh).to(m.A.dtype), (u * (sign * s)).to(m.B.dtype), 1.0)
+    return adapter.derive(modules, "svd_gauge", {}, config=dict(adapter.config, use_rslora=False))
+
+
 def check_maps(maps: dict[str, torch.Tensor], adapter: Adapter, space: str, where: str = "importance") -> None:
-    """UserError unless ``maps`` has exactly ``adapter``'s modules, shaped like B ("b") or W ("dense")."""
+    """UserError unless ``maps`` has exactly ``adapter``'s modules, shaped like W ("dense") or like
+    B of the adapter's SVD gauge ("b": (out, min(r, out, in)), i.e. B's own shape for any usual LoRA)."""
     if set(maps) != set(adapter.modules):
         extra, missing = sorted(set(maps) - set(adapter.modules)), sorted(set(adapter.modules) - set(maps))
         raise UserError(f"{where} does not belong to this adapter: modules only in the maps {extra[:3]}, "
                         f"only in the adapter {missing[:3]}; recompute the importance for this adapter")
     for name, m in adapter.modules.items():
-        want = tuple(m.B.shape) if space == "b" else (m.B.shape[0], m.A.shape[1])
+        out, inp = m.B.shape[0], m.A.shape[1]
+        want = (out, min(m.rank, out, inp)) if space == "b" else (out, inp)
         if tuple(maps[name].shape) != want:
             what = "B (out, r)" if space == "b" else "W (out, in)"
             raise UserError(f"{where}: module {name} has shape {tuple(maps[name].shape)} but this adapter's "
@@ -91,16 +121,19 @@ def _params(beta: float, eps: float, p: float) -> dict[str, float]:
 
 def rescale_b(adapter: Adapter, I_f: dict[str, torch.Tensor], I_r: dict[str, torch.Tensor], beta: float = 1.0,
               eps: float = 1e-8, p: float = 1.0) -> Adapter:
-    """PerTA in B space: (w (.) B, A) per module, same rank and scaling; dW' = s * (w (.) B) @ A.
+    """PerTA in B space, in the SVD gauge of dW: (w (.) U S, V^T) per module, scaling 1.
 
-    I_f, I_r are shaped like each module's B (out, r). Unlearn with ``negate(result, lam)``.
+    dW' = (w (.) (U S)) @ V^T with dW = U S V^T (:func:`svd_gauge`), so the result depends on dW
+    alone, not on how the adapter splits it into A and B; same rank. I_f, I_r must be measured
+    in that gauge (as :func:`lora_unlearn.training.importance.estimate_importance` does with
+    ``space="b"``): shaped like the gauge's B, (out, r). Unlearn with ``negate(result, lam)``.
     """
     for which, maps in (("forget", I_f), ("retain", I_r)):
         check_maps(maps, adapter, "b", where=f"{which} importance")
     w = perta_weights(I_f, I_r, beta, eps, p)
-    modules = {name: LoraModule(m.A, (w[name] * m.B.float()).to(m.B.dtype), m.scaling)
-               for name, m in adapter.modules.items()}
-    return adapter.derive(modules, "perta_b", _params(beta, eps, p))
+    gauge = svd_gauge(adapter)
+    modules = {name: LoraModule(m.A, (w[name] * m.B.float()).to(m.B.dtype), 1.0) for name, m in gauge.modules.items()}
+    return adapter.derive(modules, "perta_b", {**_params(beta, eps, p), "gauge": "svd"}, config=gauge.config)
 
 
 def rescale_dense(adapter: Adapter, I_f: dict[str, torch.Tensor], I_r: dict[str, torch.Tensor], beta: float = 1.0,

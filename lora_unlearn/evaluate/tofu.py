@@ -39,6 +39,9 @@ PARAPHRASED = ("forget", "retain")  # splits whose truth ratio uses the paraphra
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("probability", "rouge_l", "truth_ratio")
 MINI_FILES = {"forget": "forget01", "retain": "retain", "real_authors": "real_authors", "world_facts": "world_facts"}
+# Greedy tokens per ROUGE-L answer: open-unlearning's TOFU generation budget (200, stopping at the end
+# of the turn, i.e. the tokenizer's EOS); at 64 long answers were cut and scored against the whole key.
+MAX_NEW_TOKENS = 200
 
 
 # ---- pure part ----------------------------------------------------------------------------------
@@ -147,8 +150,9 @@ def model_utility(numbers: Iterable[float]) -> float:
 def forget_quality(R_unlearned: Sequence[float] | torch.Tensor, R_retain_only: Sequence[float] | torch.Tensor) -> float:
     """p-value of ``scipy.stats.ks_2samp`` between the two models' forget-set truth ratios.
 
-    open-unlearning tests 1/R; the KS statistic depends only on the ranks, so R gives the same
-    p-value. High (near 1) means the unlearned model is indistinguishable from the retain-only one.
+    open-unlearning runs ``ks_2samp`` on the two models' per-row truth-ratio scores; the KS
+    statistic depends only on the ranks, so any monotone form of the ratio (R or 1/R) gives the
+    same p-value. High (near 1) means the unlearned model is indistinguishable from the retain-only one.
     """
     from scipy.stats import ks_2samp
 
@@ -194,12 +198,14 @@ def _check_limits(*limits: int | None) -> None:
 
 
 def tofu_mini_splits(retain_limit: int | None = None, limit: int | None = None,
-                     splits: Iterable[str] = SPLITS) -> dict[str, list[dict]]:
+                     splits: Iterable[str] = SPLITS, retain_rows: slice | None = None) -> dict[str, list[dict]]:
     """The vendored TOFU-mini rows with every field (question, answer, paraphrased and perturbed answers).
 
     forget = forget01 (40 rows), retain = full[0:400] (``retain_limit`` rows spread over all 20
     authors when given: ``retain_limit=100`` is every 4th row), real_authors (100), world_facts
-    (117); ``limit`` keeps the first rows of the other splits. (``sources.load_source`` keeps
+    (117); ``limit`` keeps the first rows of the other splits. ``retain_rows`` (a slice of
+    full[0:400]) draws the retain rows from that range only: a benchmark that holds rows out for
+    choosing a coefficient keeps them out of the utility it reports. (``sources.load_source`` keeps
     question and answer only, which is enough to train on but not to evaluate.)
     """
     from ..core.data import load_records
@@ -210,7 +216,13 @@ def tofu_mini_splits(retain_limit: int | None = None, limit: int | None = None,
     for name in splits:
         _check_split(name)
         rows = load_records(resource_path("tofu_mini", f"{MINI_FILES[name]}.jsonl"))
-        out[name] = spread(rows, retain_limit) if name == "retain" else rows[:limit] if limit else rows
+        if name == "retain":
+            kept = rows[retain_rows] if retain_rows is not None else rows
+            if not kept:
+                raise UserError(f"retain_rows {retain_rows} selects none of the {len(rows)} retain rows")
+            out[name] = spread(kept, retain_limit)
+        else:
+            out[name] = rows[:limit] if limit else rows
         check_rows(out[name], name, f"tofu-mini:{MINI_FILES[name]}")
     return out
 
@@ -283,7 +295,8 @@ def _pad(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor([r + [math.nan] * (J - len(r)) for r in rows], dtype=torch.float64)
 
 
-def evaluate_split(model, tokenizer, rows: list[dict], split: str, *, batch_size: int = 16, max_new_tokens: int = 64,
+def evaluate_split(model, tokenizer, rows: list[dict], split: str, *, batch_size: int = 16,
+                   max_new_tokens: int = MAX_NEW_TOKENS,
                    progress: bool = True, max_length: int = 512, gen_batch_size: int | None = None,
                    dequantize: bool | None = None) -> dict:
     """All TOFU metrics of one split, batched: one greedy generation pass and one teacher-forced pass.

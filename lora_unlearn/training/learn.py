@@ -47,19 +47,18 @@ def with_preservation(rows, config: TrainConfig, preserve, weight: float | None 
     """``{"train": rows, "preserve": pool}`` and the config with the KL weight, or the inputs unchanged
     when ``preserve`` is None, the objective is not nll, or ``rows`` already names its streams.
 
-    ``preserve`` is a data source ("preservation": the vendored pool) or rows; the pool must not
-    repeat or mention what is learned (:func:`~lora_unlearn.training.preservation.check_pool`).
+    ``preserve`` is a data source ("preservation": the vendored pool) or rows; pool rows that repeat
+    or mention what is learned are left out (:func:`~lora_unlearn.training.preservation.clear_of`).
     """
     from dataclasses import replace
 
-    from .preservation import check_pool
+    from .preservation import clear_of
     from .sources import load_source
 
     if preserve is None or config.objective != "nll" or isinstance(rows, dict):
         return rows, config
     pool = load_source(preserve) if isinstance(preserve, (str, Path)) else list(preserve)
-    check_pool(pool, rows, pool_name=f"preservation pool {preserve!r}" if isinstance(preserve, str) else "preservation pool",
-               what="the data to learn")
+    pool = clear_of(pool, rows, pool_name=f"preservation pool {preserve!r}" if isinstance(preserve, str) else "preservation pool")
     extra = {**config.extra, "preserve": LEARN_PRESERVE_WEIGHT if weight is None else weight}
     return {"train": rows, "preserve": pool}, replace(config, extra=extra)
 

@@ -4,11 +4,14 @@ Every adapter that adds knowledge trains with ``nll``'s preserve term (KL to the
 this pool), so the pool must not hold what the adapter is meant to change, nor what an evaluation
 probes: the same prompt, or the same subject under other words. :func:`protected_terms` collects
 what a set of rows talks about (edit prompts, paraphrases, locality and neighbourhood probes,
-subjects, answers, and the proper nouns of question/answer rows), :func:`check_pool` refuses a pool
-that is empty or mentions any of it, naming the pool row and the term.
+subjects, answers, and the proper nouns of question/answer rows). :func:`check_pool` refuses a pool
+that is empty or mentions any of an evaluation set, naming the pool row and the term;
+:func:`clear_of` leaves out the pool rows that mention the data being learned.
 
-The vendored pool (``resources/preservation/``) is 240 instructions and everyday questions with no
-proper nouns and no world facts, answered by the embedded model itself (greedy, 48 tokens).
+The vendored pool (``resources/preservation/``): instructions, everyday and quiz questions with no
+proper nouns, and short factual questions (capitals, currencies, languages, authors, painters,
+inventors, chemical symbols) on subjects that no evaluation set of the project uses
+(``benchmarks/pool_facts.py``), answered by the embedded model itself (greedy, 48 tokens).
 """
 
 from __future__ import annotations
@@ -65,19 +68,42 @@ def protected_terms(rows: Iterable[dict[str, Any]]) -> tuple[set[str], set[str]]
     return prompts, {t for t in terms if len(t) >= 2 and t not in _COMMON}
 
 
+def _overlap(row: dict[str, Any], prompts: set[str], terms: set[str]) -> str | None:
+    """Why a pool row may not be used ("is the same prompt (...)", "mentions 'x'"), or None."""
+    question = normalise(row.get("question", ""))
+    if question in prompts:
+        return f"is the same prompt ({row['question']!r})"
+    padded = f" {question} "
+    for term in sorted(terms):
+        if f" {term} " in padded:
+            return f"({row['question'][:60]!r}) mentions {term!r}"
+    return None
+
+
 def check_pool(pool: list[dict[str, str]], protected: Iterable[dict[str, Any]], *, pool_name: str = "preservation pool",
                what: str = "the data") -> None:
-    """Refuse an empty pool, or one whose prompts repeat or mention what ``protected`` holds."""
+    """Refuse an empty pool, or one whose prompts repeat or mention what ``protected`` holds (an evaluation set)."""
     if not pool:
         raise UserError(f"the {pool_name} is empty: give a pool of general prompts unrelated to {what}")
     prompts, terms = protected_terms(protected)
     for i, row in enumerate(pool):
-        question = normalise(row.get("question", ""))
-        if question in prompts:
-            raise UserError(f"the {pool_name} overlaps {what}: row {row.get('_line', i + 1)} is the same prompt "
-                            f"({row['question']!r}); remove it from the pool")
-        padded = f" {question} "
-        for term in sorted(terms):
-            if f" {term} " in padded:
-                raise UserError(f"the {pool_name} overlaps {what}: row {row.get('_line', i + 1)} "
-                                f"({row['question'][:60]!r}) mentions {term!r}; remove it from the pool or use another pool")
+        why = _overlap(row, prompts, terms)
+        if why is not None:
+            raise UserError(f"the {pool_name} overlaps {what}: row {row.get('_line', i + 1)} {why}; "
+                            "remove it from the pool or use another pool")
+
+
+def clear_of(pool: list[dict[str, str]], rows: Iterable[dict[str, Any]], *, pool_name: str = "preservation pool",
+             what: str = "the data to learn") -> list[dict[str, str]]:
+    """The pool rows that neither repeat nor mention anything of ``rows`` (the data being learned).
+
+    A general pool can name what a user's facts change (the vendored pool asks for the capitals of
+    countries no evaluation uses; a user may edit one of them): those rows would pull the edit back,
+    so they are left out of this training, not refused. Refused: a pool with no row left.
+    """
+    prompts, terms = protected_terms(rows)
+    kept = [row for row in pool if _overlap(row, prompts, terms) is None]
+    if not kept:
+        raise UserError(f"the {pool_name} is empty once the rows that repeat or mention {what} are left out "
+                        f"({len(pool)} rows): give a pool of general prompts unrelated to {what}")
+    return kept

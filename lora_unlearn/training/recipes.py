@@ -56,9 +56,11 @@ class ImportanceSpec(Strict):
     data: str
     kind: Literal["grad", "fisher"] = "grad"
     space: Literal["b", "dense"] = "b"
-    at: Literal["theta", "theta+tau"] = "theta"
+    at: Literal["theta", "theta+tau", "theta_0"] = "theta"
+    accumulate: Literal["per_example", "set"] = "per_example"
     over: list[str] = []
     batch_size: int = Field(default=1, ge=1)
+    rows_per_pass: int = Field(default=8, ge=1)
 
 
 class OpSpec(Strict):

@@ -56,18 +56,22 @@ def _rows(entry: DataEntry, tofu_dir: str | None) -> list[dict[str, str]]:
     return rows[: entry.limit] if entry.limit else rows
 
 
-def _check_preservation(recipe: Recipe, rows: dict[str, list[dict[str, str]]]) -> None:
-    """Refuse, before any work, a preservation stream that repeats or mentions the recipe's other data.
+def _preservation(recipe: Recipe, rows: dict[str, list[dict[str, str]]]) -> dict[str, list[dict[str, str]]]:
+    """Each training step's preservation rows, checked before any work.
 
-    A step's ``preserve`` stream (nll), or a ``retain`` stream drawn from the vendored pool, is checked against the rows
-    of the step's other streams and, for knowledge-edit sources, the whole edit rows (paraphrases,
-    locality and neighbourhood probes): the evaluation prompts of an edit file.
+    A step's ``preserve`` stream (nll), or a ``retain`` stream drawn from the vendored pool, loses
+    the rows that repeat or mention the step's other data (what it learns;
+    :func:`~lora_unlearn.training.preservation.clear_of`), and is refused if it repeats or mentions an
+    edit file's evaluation probes (paraphrases, locality and neighbourhood prompts).
     """
-    from .preservation import check_pool
+    from .preservation import check_pool, clear_of
     from .sources import load_edits
 
-    edit_rows = {name: load_edits(src) for name, d in recipe.data.items() if d.view.startswith("edits_")
-                 for src in ([d.source] if isinstance(d.source, str) else d.source)}
+    probes = {name: [{"prompt": p} for e in load_edits(src) for p in e.get("paraphrases", [])]
+              + [q for e in load_edits(src) for key in ("locality", "neighbourhood") for q in e.get(key) or []]
+              for name, d in recipe.data.items() if d.view.startswith("edits_")
+              for src in ([d.source] if isinstance(d.source, str) else d.source)}
+    pools = {}
     for step in recipe.steps:
         if not step.train:
             continue
@@ -76,9 +80,12 @@ def _check_preservation(recipe: Recipe, rows: dict[str, list[dict[str, str]]]) -
         kept = data.get("preserve") or (retain if retain and recipe.data[retain].source == "preservation" else None)
         if kept is None:
             continue
-        protected = [row for stream, d in data.items() if d != kept for row in rows[d] + edit_rows.get(d, [])]
-        check_pool(rows[kept], protected, pool_name=f"preservation stream {kept!r} of step {step.name!r}",
-                   what="the step's other data (and the edit file's evaluation prompts)")
+        name = f"preservation stream {kept!r} of step {step.name!r}"
+        check_pool(rows[kept], [row for d in data.values() if d != kept for row in probes.get(d, [])], pool_name=name,
+                   what="the edit file's evaluation prompts")
+        pools[step.name] = clear_of(rows[kept], [row for d in data.values() if d != kept for row in rows[d]],
+                                    pool_name=name, what="the step's other data")
+    return pools
 
 
 def _restore(step: Step, folder: Path):
@@ -141,7 +148,7 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                             f"or point --set adapters.{name}=DIR at yours")
         artifacts[name] = load_adapter(path)
     rows = {name: _rows(d, recipe.tofu_dir) for name, d in recipe.data.items()}
-    _check_preservation(recipe, rows)
+    pools = _preservation(recipe, rows)
 
     def model():
         nonlocal loaded
@@ -188,7 +195,10 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                 stack = [(artifacts[split_ref(r)[0]], split_ref(r)[1]) for r in spec.over]
                 checkpoints = (Checkpoints(work / "checkpoints" / step.name, every=checkpoint_every, resume=resume)
                                if checkpoint_every else None)
-                result = train_adapter(m, tok, {s: rows[d] for s, d in spec.data.items()}, config, stack, info,
+                streams = {s: rows[d] for s, d in spec.data.items()}
+                if step.name in pools:
+                    streams["preserve" if "preserve" in spec.data else "retain"] = pools[step.name]
+                result = train_adapter(m, tok, streams, config, stack, info,
                                        progress=main, checkpoints=checkpoints)
             elif step.importance:
                 from .importance import estimate_importance, importance_meta, save_importance
@@ -197,7 +207,8 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                 spec = step.importance
                 stack = [(artifacts[split_ref(r)[0]], split_ref(r)[1]) for r in spec.over]
                 adapter = artifacts[split_ref(spec.adapter)[0]]
-                knobs = {"kind": spec.kind, "space": spec.space, "at": spec.at, "batch_size": spec.batch_size,
+                knobs = {"kind": spec.kind, "space": spec.space, "at": spec.at, "accumulate": spec.accumulate,
+                         "batch_size": spec.batch_size, "rows_per_pass": spec.rows_per_pass,
                          "max_length": recipe.train_defaults.get("max_length", 256)}
                 result = estimate_importance(m, tok, rows[spec.data], adapter, stack=stack, progress=main, **knobs)
                 if main:

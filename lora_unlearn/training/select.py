@@ -172,6 +172,15 @@ def sweep(model, tokenizer, run: RunArtifacts, target: str, values: list[float],
             "points": points, "selected": chosen["value"], "within_budget": within}
 
 
+def check_selection(run_dir: str | Path, target: str, overwrite: bool = False) -> RunArtifacts:
+    """The run, once ``target`` is a parameter of its recipe and ``RUN/selected`` may be written; before any work."""
+    run = RunArtifacts(run_dir)
+    check_target(run.recipe, target)
+    if (run.dir / "selected").exists() and not overwrite:
+        raise UserError(f"{run.dir / 'selected'} already exists (an earlier selection): pass --overwrite to replace it")
+    return run
+
+
 def select_run(run_dir: str | Path, target: str, values: list[float], *, forget_rows: list[dict],
                holdout_rows: list[dict], budget: float = 0.05, batch_size: int = 16, loaded=None,
                progress=None, overwrite: bool = False) -> dict[str, Any]:
@@ -182,10 +191,7 @@ def select_run(run_dir: str | Path, target: str, values: list[float], *, forget_
     from ..core.adapter_io import save_adapter
     from ..core.models import load_base
 
-    run = RunArtifacts(run_dir)
-    check_target(run.recipe, target)
-    if (run.dir / "selected").exists() and not overwrite:
-        raise UserError(f"{run.dir / 'selected'} already exists (an earlier selection): pass --overwrite to replace it")
+    run = check_selection(run_dir, target, overwrite)
     model, tokenizer, _ = loaded or load_base(run.recipe.base.model, run.recipe.base.quantization)
     result = sweep(model, tokenizer, run, target, values, forget_rows=forget_rows, holdout_rows=holdout_rows,
                    budget=budget, batch_size=batch_size, progress=progress)

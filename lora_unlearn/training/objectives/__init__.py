@@ -52,7 +52,7 @@ class Objective:
 
 
 REGISTRY: dict[str, Objective] = {}
-_MODULES = ("nll", "grad_ascent", "grad_diff", "kl", "npo", "idk", "surgery")
+_MODULES = ("nll", "grad_ascent", "grad_diff", "kl", "npo", "simnpo", "rmu", "idk", "surgery")
 
 
 def register(name: str, streams: tuple[str, ...], reference: str, defaults: dict[str, Any] | None = None,

@@ -8,9 +8,18 @@ KL_r: the KL of :func:`~lora_unlearn.training.objectives.common.kl_to_reference`
 p_ref the model before the adapter being trained (base + frozen stack), without gradients.
 
 Defaults a = 0.1, b = 2.0, c = 0.5 are ``unlearn_weight`` (and ``edit_unlearn_weight``),
-``edit_update_weight`` and ``retain_weight`` of the official ``config_surgery.yaml``; the official
-code has two unlearn streams at 0.1 each (facts to drop, and the old versions of edited facts):
-put both into the forget stream here. Where this differs from the official ``compute_kl``:
+``edit_update_weight`` and ``retain_weight`` of the official ``config_surgery.yaml`` (lines 49-52;
+akshajkumarv/llm_surgery_code read at commit 87826d1e). The official code has two unlearn
+streams, one batch of each per step, each weighted 0.1 (``train.py`` lines 317-351, the loss at
+lines 388-393: ``- unlearn_weight * unlearn_loss - edit_unlearn_weight * edit_unlearn_loss``):
+``unlearn``, the true biographies of the facts to drop, and ``edit_unlearn``, the true
+biographies of the edited facts (their old versions): two equal halves of the WikiBio set (238
+biographies by its README; ``dataset.py`` lines 78-83 and 93-98, ``data_split: 0.5`` at
+``config_surgery.yaml`` line 3).
+So a = 0.1 is the weight of ONE such stream: the forget stream here holds either (recipes/surgery.yaml:
+facts to drop; recipes/surgery_update.yaml: old versions of edits). A forget stream that merges
+both takes their sum, a = 0.2: one batch of the union, half of each in expectation, then carries
+0.1 of each, as the official step does. Where this differs from the official ``compute_kl``:
 that function takes the cross-entropy -sum_v p_ref log p_theta over every position of the
 (plain-text) retain batch. The cross-entropy exceeds the KL by the entropy of p_ref, a
 constant in theta, so the gradients are the same and only the reported loss differs (here it
