@@ -156,7 +156,7 @@ def extrapolate(src: Path, out: Path, alpha: Annotated[float, typer.Option("--al
 def add(paths: Annotated[list[Path], typer.Argument(help="Two or more adapter folders, then the output folder.")],
         allow_different_bases: Annotated[bool, typer.Option(help="Add adapters of different base models anyway.")] = False,
         overwrite: Overwrite = False):
-    """Write dW1 + dW2 + ... to the last path, exactly (the ranks are concatenated)."""
+    """Write dW1 + dW2 + ... to the last path, exactly (canonical factors: B = U S, A = V^T of the sum)."""
     from .arithmetic import add as op
     from .core.adapter_io import load_adapter
 

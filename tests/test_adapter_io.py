@@ -59,8 +59,8 @@ def test_add_with_a_lone_module_writes_rank_and_alpha_patterns(tmp_path):
     """add of adapters where one module is in one input only gives modules of different ranks
     (q, v: 3 + 2; down: 3); the config records them as rank_pattern / alpha_pattern, and
     loading the folder gives back the same products."""
-    d1 = make_adapter({Q: (8, 6, 3), V: (4, 6, 3), DOWN: (6, 10, 3)}, alpha=8, seed=1)
-    d2 = make_adapter({Q: (8, 6, 2), V: (4, 6, 2)}, alpha=4, rslora=True, seed=2)
+    d1 = make_adapter({Q: (8, 6, 3), V: (7, 6, 3), DOWN: (6, 10, 3)}, alpha=8, seed=1)
+    d2 = make_adapter({Q: (8, 6, 2), V: (7, 6, 2)}, alpha=4, rslora=True, seed=2)
     both = add(d1, d2)
     save_adapter(both, tmp_path / "sum")
     cfg = config_of(tmp_path / "sum")

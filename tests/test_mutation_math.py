@@ -38,7 +38,7 @@ def test_add_casts_to_the_first_inputs_dtype_and_bakes_the_scaling():
     out = add(one, two).modules["m"]
     assert out.A.dtype == out.B.dtype == torch.float32 and out.scaling == 1.0
     # dW = 3 * [[1, 0], [2, 0]] + 0.5 * [[0, 1], [0, 1]] = [[3, 0.5], [6, 0.5]]
-    assert torch.equal(out.B @ out.A, torch.tensor([[3.0, 0.5], [6.0, 0.5]]))
+    assert torch.allclose(out.B @ out.A, torch.tensor([[3.0, 0.5], [6.0, 0.5]]), atol=1e-6)
 
 
 def test_compress_keeps_low_rank_modules_as_they_are():

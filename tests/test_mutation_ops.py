@@ -68,8 +68,8 @@ def test_add_target_modules_of_top_level_names_and_a_shared_layer_restriction():
     b = Adapter({"layers.0.q_proj": _module(2, 2, 1, seed=1)}, dict(cfg))
     out = add(a, b)
     assert out.config["layers_to_transform"] == [0] and out.config["layers_pattern"] == "layers"
-    # x_add 102: the lineage node records add's parameters as {} (there are none), not None
-    assert out.lineage == {"op": "add", "params": {}, "inputs": [a.lineage, b.lineage]}
+    # x_add 102: the lineage node records add's form (canonical factors), not None
+    assert out.lineage == {"op": "add", "params": {"form": "canonical"}, "inputs": [a.lineage, b.lineage]}
 
 
 def test_compress_of_a_zero_module_reports_zero_error():

@@ -1,6 +1,6 @@
 """Task arithmetic on LoRA adapters, pure: adapters in, adapters out (DESIGN sections 2 and 3).
 
-    ops      scale, negate, extrapolate (UIPE), add (exact, ranks concatenated), compress, to_dense
+    ops      scale, negate, extrapolate (UIPE), add (exact, canonical factors), compress, to_dense
     perta    PerTA's per-parameter rescaling, in B space or dense, and the dense result's compression
 
 Importing this package loads torch and safetensors only, never transformers or peft (a test

@@ -8,7 +8,7 @@ summing A's and B's separately adds cross terms, the bug behind huggingface/peft
     scale(d, c)          c * dW          B <- c * B
     negate(d, lam)       -lam * dW       scale(d, -lam)
     extrapolate(d, a)    (1 + a) * dW    scale(d, 1 + a)     (UIPE, arXiv 2503.04693)
-    add(d1, d2, ...)     dW1 + dW2 + ... A = [A1; A2], B = [s1 B1, s2 B2], s = 1
+    add(d1, d2, ...)     dW1 + dW2 + ... canonical: B = U S, A = V^T of the sum's SVD, s = 1
     compress(d, r')      best rank-r' approximation of dW, without forming dW
     to_dense(d)          dW per module
 
@@ -40,11 +40,41 @@ def extrapolate(adapter: Adapter, alpha: float) -> Adapter:
     return adapter.derive(out.modules, "extrapolate", {"alpha": alpha})
 
 
-def add(*adapters: Adapter, allow_different_bases: bool = False) -> Adapter:
-    """dW1 + dW2 + ... exactly, by concatenating along the rank.
+def canonical(A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0, *, drop_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') with B' A' = scaling * B A exactly, B' = U S and A' = V^T (the SVD of that product).
 
-    Per module: A = [A1; A2; ...] (sum r, in), B = [s1 B1, s2 B2, ...] (out, sum r), scaling 1.
-    A module present in only some inputs passes through (its scaling baked into B).
+    Without the dense (out, in) matrix: B = Qb Rb, A^T = Qa Ra (reduced QR, float64), the small
+    core scaling * Rb Ra^T = Uc S Vc^T, so U = Qb Uc and V = Qa Vc. Each pair (u_k, v_k) is signed
+    so that the largest |entry| of u_k is positive: a function of the product alone (up to ties
+    between singular values), whatever factors it came in. ``drop_zero`` leaves out the triplets
+    that are zero to float64 precision (s_k <= 1e-12 * ||scaling B|| ||A||; one is always kept), so a sum of
+    adapters whose deltas overlap gets the rank of the sum, not the sum of the ranks. float64 out.
+    """
+    qb, rb = torch.linalg.qr(B.double())  # (out, k1), (k1, r)
+    qa, ra = torch.linalg.qr(A.double().T)  # (in, k2), (k2, r)
+    u, sv, vh = torch.linalg.svd(scaling * rb @ ra.T, full_matrices=False)  # the small core
+    u, vh = qb @ u, vh @ qa.T  # (out, k), (k, in)
+    sign = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
+    sign[sign == 0] = 1.0
+    u, vh = u * sign, vh * sign.T
+    if drop_zero:
+        # Zero against the size of what was summed (||B|| ||A|| bounds every term), so a sum that
+        # cancels (F - F) is one zero triplet rather than rounding noise blown up to full rank.
+        tol = 1e-12 * abs(scaling) * float(B.double().norm() * A.double().norm())
+        keep = max(1, int((sv > tol).sum()))
+        u, sv, vh = u[:, :keep], sv[:keep], vh[:keep]
+    return vh, u * sv
+
+
+def add(*adapters: Adapter, allow_different_bases: bool = False) -> Adapter:
+    """dW1 + dW2 + ... exactly, stored in a canonical factorisation in which no input's factors survive.
+
+    Per module: the sum's factors [s1 B1, s2 B2, ...] (out, sum r) and [A1; A2; ...] (sum r, in)
+    are brought to the SVD of the sum (:func:`canonical`): B = U S, A = V^T, scaling 1, every
+    non-zero triplet kept (no truncation: the same dW to float error). Rank concatenation alone
+    would keep F's rows inside K - F, so anyone holding the "unlearned" adapter could cut F back out;
+    the canonical form is a function of the sum alone. (Anyone who holds K can still recover F as
+    K - result: the cards say so.) A module present in only some inputs is canonicalised the same way.
     """
     if len(adapters) < 2:
         raise UserError("add needs at least two adapters")
@@ -61,16 +91,17 @@ def add(*adapters: Adapter, allow_different_bases: bool = False) -> Adapter:
             raise UserError(f"module {name} has different shapes across adapters {sorted(shapes)}: "
                             "the adapters belong to different model architectures")
         dtype = parts[0].B.dtype
-        A = torch.cat([p.A.to(dtype) for p in parts], dim=0)
-        B = torch.cat([(p.B.float() * p.scaling).to(dtype) for p in parts], dim=1)
-        modules[name] = LoraModule(A, B, 1.0)
+        A = torch.cat([p.A.double() for p in parts], dim=0)
+        B = torch.cat([p.B.double() * p.scaling for p in parts], dim=1)
+        A, B = canonical(A, B)
+        modules[name] = LoraModule(A.to(dtype), B.to(dtype), 1.0)
     config = dict(adapters[0].config)
     if any(a.config.get("target_modules") != config.get("target_modules") for a in adapters):
         config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in names})
     if any(a.config.get("layers_to_transform") != config.get("layers_to_transform") for a in adapters):
         config["layers_to_transform"] = config["layers_pattern"] = None
     config["use_rslora"] = False
-    return adapters[0].derive(modules, "add", {}, inputs=list(adapters), config=config)
+    return adapters[0].derive(modules, "add", {"form": "canonical"}, inputs=list(adapters), config=config)
 
 
 def compress(adapter: Adapter, rank: int) -> tuple[Adapter, dict[str, float]]:

@@ -37,6 +37,7 @@ import torch
 
 from ..core.adapter import Adapter, LoraModule
 from ..errors import UserError
+from .ops import canonical
 
 
 def _number(name: str, value: float, low: float, strict: bool) -> float:
@@ -89,13 +90,8 @@ def svd_gauge(adapter: Adapter) -> Adapter:
     """
     modules = {}
     for name, m in adapter.modules.items():
-        qb, rb = torch.linalg.qr(m.B.double())  # (out, r'), (r', r)
-        qa, ra = torch.linalg.qr(m.A.double().T)  # (in, r''), (r'', r)
-        u, s, vh = torch.linalg.svd(m.scaling * rb @ ra.T, full_matrices=False)  # the small core
-        u, vh = qb @ u, vh @ qa.T  # (out, k), (k, in)
-        sign = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
-        sign[sign == 0] = 1.0
-        modules[name] = LoraModule((sign.T * vh).to(m.A.dtype), (u * (sign * s)).to(m.B.dtype), 1.0)
+        A, B = canonical(m.A, m.B, m.scaling, drop_zero=False)
+        modules[name] = LoraModule(A.to(m.A.dtype), B.to(m.B.dtype), 1.0)
     return adapter.derive(modules, "svd_gauge", {}, config=dict(adapter.config, use_rslora=False))
 
 

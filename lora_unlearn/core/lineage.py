@@ -7,8 +7,9 @@ weights (through ``load`` records and arithmetic inputs, but not the frozen adap
 run sat on):
 
 - ``negated``: any ``negate`` (lam > 0), ``scale`` with c < 0 or ``extrapolate`` with alpha < -1.
-  The adapter holds -lam * dW_F; since ``add`` concatenates ranks, even a sum K - lam F stores
-  F's factors verbatim, so F can be read back out of it.
+  The adapter holds -lam * dW_F: alone, it is F with its sign flipped; in a sum K - lam F,
+  ``add`` stores the canonical factorisation of the sum (no input's factors survive), but anyone
+  who holds K recovers lam F as K - the sum.
 - ``forget``: a ``learn`` with a likelihood objective (``nll``) that was trained on top of other
   adapters none of which is negated (how TV and the demo train F over the model that holds the
   knowledge, base + K), or whose recipe (``recipe.yaml`` of the run folder that holds it) trains
@@ -39,8 +40,9 @@ RESTORE_WARNING = {
         "it restores it. Sharing it shares a copy of what was forgotten."),
     "negated": (
         "**This adapter contains a negated forget adapter (-lam * dW_F).** Negating it again, or adding the "
-        "forget adapter back, restores the knowledge it removes; its factors hold F's weights verbatim "
-        "(ranks are concatenated), so the forgotten knowledge can be recovered from this file."),
+        "forget adapter back, restores the knowledge it removes. On its own it is the forget adapter with its "
+        "sign flipped; in a sum (K - lam F) its factors are canonical and hold no input's factors, but anyone "
+        "who holds the other inputs (K) recovers lam F as K - this adapter."),
     "unlearning": (
         "**This is an unlearning adapter trained on the forget data.** Removing it (or negating it) brings "
         "the forgotten knowledge back, and its weights are a function of the forget data."),
