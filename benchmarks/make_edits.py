@@ -10,11 +10,11 @@
    where a relation has fewer than 3 (those subjects are then not edited).
 2. Split the edits into ``dev`` (every third edit of each relation, for tuning) and ``test``
    (the rest, for reporting), write ``lora_unlearn/resources/edits/{dev,test}.jsonl``.
-3. Answer the preservation prompts (``resources/preservation/prompts.txt``, then the short
-   factual questions of ``pool_facts.py`` that pass the pool check against every evaluation set
-   and every edit candidate) with the same model (greedy, 48 tokens) and write
-   ``resources/preservation/pool.jsonl``: the starting model's own answers, the targets of the
-   preservation stream's KL.
+3. Answer the preservation prompts (``resources/preservation/prompts.txt``) and the short factual
+   questions of ``pool_facts.py`` that pass the pool check against every evaluation set and every
+   edit candidate, with the same model (greedy, 48 tokens), and write
+   ``resources/preservation/pool.jsonl`` and ``facts.jsonl`` (source ``preservation+facts`` is
+   both): the starting model's own answers, the targets of the preservation stream's KL.
 """
 
 from __future__ import annotations
@@ -48,17 +48,18 @@ def main() -> None:
     args = ap.parse_args()
     model, tok, _ = load_base("smollm2-135m", "nf4")
     pool_prompts = [line.strip() for line in (RES / "preservation" / "prompts.txt").read_text().splitlines() if line.strip()]
-    pool_prompts += fact_prompts(clear_of_evaluations())
+    fact_qs = fact_prompts(clear_of_evaluations())
     if args.pool_only:
         with dequantized(model):
-            pool_answers = answer(model, tok, pool_prompts, max_new_tokens=48, batch_size=32)
-        write_pool(pool_prompts, pool_answers)
+            pool_answers = answer(model, tok, pool_prompts + fact_qs, max_new_tokens=48, batch_size=32)
+        write_pool(pool_prompts, pool_answers[:len(pool_prompts)])
+        write_pool(fact_qs, pool_answers[len(pool_prompts):], "facts.jsonl")
         return
     facts = [(rel, s, old, new) for rel, spec in RELATIONS.items() for s, old, new in spec["facts"]]
     prompts = [question(RELATIONS[rel]["templates"][0], s) for rel, s, _, _ in facts]
     with dequantized(model):
         answers = answer(model, tok, prompts, max_new_tokens=24, batch_size=32)
-        pool_answers = answer(model, tok, pool_prompts, max_new_tokens=48, batch_size=32)
+        pool_answers = answer(model, tok, pool_prompts + fact_qs, max_new_tokens=48, batch_size=32)
     known = {(rel, s): mentions(a, old) and not mentions(a, new) for (rel, s, old, new), a in zip(facts, answers)}
     splits: dict[str, list[dict]] = {"dev": [], "test": []}
     for rel, spec in RELATIONS.items():
@@ -79,7 +80,8 @@ def main() -> None:
         with open(RES / "edits" / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(name, len(rows), "edits")
-    write_pool(pool_prompts, pool_answers)
+    write_pool(pool_prompts, pool_answers[:len(pool_prompts)])
+    write_pool(fact_qs, pool_answers[len(pool_prompts):], "facts.jsonl")
 
 
 def clear_of_evaluations():
@@ -103,8 +105,8 @@ def clear_of_evaluations():
     return allowed
 
 
-def write_pool(prompts: list[str], answers: list[str]) -> None:
-    with open(RES / "preservation" / "pool.jsonl", "w") as f:
+def write_pool(prompts: list[str], answers: list[str], name: str = "pool.jsonl") -> None:
+    with open(RES / "preservation" / name, "w") as f:
         f.writelines(json.dumps({"question": q, "answer": a}) + "\n" for q, a in zip(prompts, answers))
     print("preservation", len(prompts), "prompts")
 

@@ -1,4 +1,4 @@
-"""Short factual questions for the preservation pool, written for this project.
+"""Short factual questions for the opt-in preservation pool ``preservation+facts``, written for this project.
 
 The edit benchmark's neighbourhood probes (same relation, another subject) showed that KL on
 instructions and everyday questions does not hold an edit back from the facts *next to* it: a

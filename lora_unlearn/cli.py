@@ -435,12 +435,17 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
                                                       "prompt/answer; default for edits:dev/test: edits:locality).")] = None,
           batch_size: int = 16,
           max_new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per answer (tofu 200, edits 32).")] = None,
+          scoped: Annotated[bool, typer.Option("--scoped", help="tofu: each --adapter with a scope saved beside it "
+                                               "runs, per question, at the strength its scope gives (as a request "
+                                               "with \"forget\": {NAME: \"auto\"}); see `lora-unlearn scope`.")] = False,
           overwrite: Overwrite = False):
     """Evaluate the base with a stack of adapters (unmerged) on TOFU or knowledge edits; write OUT/results.{json,md}."""
     from .evaluate.report import tables, write_results
 
     if benchmark not in ("tofu", "edits"):
         raise UserError(f"unknown benchmark {benchmark!r}. Available: tofu, edits")
+    if scoped and benchmark != "tofu":
+        raise UserError("--scoped evaluates TOFU (--benchmark tofu): scopes decide per question")
     if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
         raise UserError("--batch-size and --max-new-tokens must be at least 1")
     if out.exists() and not overwrite:
@@ -474,16 +479,29 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
 
     _quiet_libraries()
     stack = parse_stack(adapter)
+    scopes = _stack_scopes(adapter or [], stack) if scoped else {}
     model, tokenizer, info = load_base(base, quantization)
+    if scoped:
+        from .core.scope import check_scope
+        from .evaluate.scoped import evaluate_tofu_scoped
+
+        for k, scope in scopes.items():
+            check_scope(scope, stack[k][0], model, base=info.hub_id)
+        evaluate = functools.partial(evaluate_tofu_scoped, stack=stack, scopes=scopes, splits=rows,
+                                     reference_truth_ratios=ref, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens or TOFU_MAX_NEW_TOKENS)
+        result = evaluate(model, tokenizer)
     if benchmark == "edits" and any(probes(edits, pool).values()):
         # Locality is judged against the unedited model: its answers, recorded once, before the stack.
         evaluate = functools.partial(evaluate, unedited=record_unedited(
             model, tokenizer, edits, pool, batch_size=batch_size, max_new_tokens=max_new_tokens or 32))
-    with attached(model, stack) as m:
-        result = evaluate(m, tokenizer)
-    layers = [f"{a.lineage.get('path', '?')}:{c:g}" for a, c in stack]
+    if not scoped:
+        with attached(model, stack) as m:
+            result = evaluate(m, tokenizer)
+    layers = [f"{a.lineage.get('path', '?')}:{'scoped' if k in scopes else f'{c:g}'}" for k, (a, c) in enumerate(stack)]
     meta = {"model": " + ".join([f"{base} ({quantization})"] + layers), "base": info.hub_id, "quantization": quantization,
-            "adapters": [{"path": a.lineage.get("path"), "sha256": a.lineage.get("sha256"), "scale": c} for a, c in stack],
+            "adapters": [{"path": a.lineage.get("path"), "sha256": a.lineage.get("sha256"), "scale": c,
+                          **({"scope": scopes[k].summary()} if k in scopes else {})} for k, (a, c) in enumerate(stack)],
             "data": data or ("tofu-mini" if benchmark == "tofu" else "edits-demo"),
             "locality_pool": locality if benchmark == "edits" else None,
             "retain_limit": retain_limit, "limit": limit, "reference": str(reference) if reference else None}
@@ -495,6 +513,120 @@ def eval_(out: Annotated[Path, typer.Option("--out", help="Folder for results.js
             table.add_row(*row)
         out_console.print(table)
     err_console.print(f"wrote {out}/results.json and {out}/results.md", soft_wrap=True)
+
+
+def _stack_scopes(specs: list[str], stack) -> dict:
+    """Stack index -> Scope for the --adapter folders with a scope beside them (their strength comes from it)."""
+    from .core.scope import load_scope, read_scope_json
+
+    scopes = {}
+    for k, (spec, (a, c)) in enumerate(zip(specs, stack)):
+        folder = a.lineage.get("path")
+        if folder and read_scope_json(folder) is not None:
+            if c != 1.0:
+                raise UserError(f"--adapter {spec!r} has a scope, which sets its strength per question (up to its "
+                                "lambda_max): drop the :SCALE, or refit the scope with another --lambda-max")
+            scopes[k] = load_scope(folder)
+    if not scopes:
+        raise UserError("--scoped: none of the --adapter folders has a scope (scope.json): fit one with "
+                        "`lora-unlearn scope ADAPTER_DIR --forget DATA --calibrate DATA`")
+    return scopes
+
+
+def _slice(rows: list, spec: str | None, flag: str) -> list:
+    if not spec:
+        return rows
+    try:
+        start, end = (int(x) if x else None for x in spec.split(":"))
+    except ValueError:
+        raise UserError(f"{flag} {spec!r}: use START:END, e.g. 360:400") from None
+    if not rows[start:end]:
+        raise UserError(f"{flag} {spec!r} selects no rows (the data has {len(rows)})")
+    return rows[start:end]
+
+
+def _texts(rows: list[dict], answers: bool = True) -> list[str]:
+    """What a scope reads of data rows: questions (and answers) of QA rows, the text of text rows."""
+    return [t for r in rows for t in ([r["question"], *([r["answer"]] if answers else [])] if "question" in r
+                                      else [r.get("text", "")])]
+
+
+@app.command("scope")
+@user_errors
+def scope_(folder: Annotated[Path, typer.Argument(help="The adapter folder; the scope is saved in it.")],
+           forget: Annotated[str, typer.Option("--forget", help="The forget data (its questions are the bank): JSONL, "
+                                               "a dataset folder or a source such as tofu-mini:forget01.")],
+           forget_rows: Annotated[str | None, typer.Option("--forget-rows", help="START:END slice of --forget.")] = None,
+           calibrate: Annotated[str | None, typer.Option("--calibrate", help="Held-out prompts that must stay out of "
+                                                         "scope, for the threshold (e.g. tofu-mini:retain).")] = None,
+           calibrate_rows: Annotated[str | None, typer.Option("--calibrate-rows", help="START:END slice of --calibrate "
+                                                              "(TOFU-mini: 360:400).")] = None,
+           background: Annotated[list[str] | None, typer.Option("--background", help="Text that must stay out of scope "
+                                                                "(repeatable; default: preservation, the vendored pool; "
+                                                                "'none' for no background).")] = None,
+           answers: Annotated[bool, typer.Option("--answers", help="Put the forget answers in the bank too (more "
+                                                 "indirect questions found, more false positives).")] = False,
+           fpr: Annotated[float, typer.Option("--fpr", help="Target false-positive rate on --calibrate.")] = 0.02,
+           threshold: Annotated[float | None, typer.Option("--threshold", help="A threshold in [0, 1] instead of "
+                                                           "calibrating.")] = None,
+           lambda_max: Annotated[float, typer.Option("--lambda-max", help="The adapter's strength in scope.")] = 1.0,
+           mode: Annotated[str, typer.Option("--mode", help="hard (lambda_max or 0) or smooth (a ramp above the "
+                                             "threshold).")] = "hard",
+           ramp: Annotated[float, typer.Option("--ramp", help="smooth: the score width of the ramp.")] = 0.1,
+           layer: Annotated[int, typer.Option("--layer", help="Decoder layer whose token states are read.")] = 4,
+           top_k: Annotated[int, typer.Option("--top-k", help="Tokens whose margins are averaged.")] = 3,
+           max_strength: Annotated[float, typer.Option("--max-strength", help="The server's bound lambda_max must "
+                                                       "stay within.")] = 8.0,
+           base: Base = "smollm2-135m", quantization: Quant = "nf4", overwrite: Overwrite = False):
+    """Fit a scope detector for an adapter: per request, how strongly to apply it (scoped forgetting).
+
+    Writes FOLDER/scope.safetensors and FOLDER/scope.json and rewrites the card. The weights still
+    hold the knowledge: a request the detector misses gets it.
+    """
+    from .core.adapter_io import load_adapter
+    from .core.card import check_ours, save_card
+    from .core.scope import check_settings, fit_scope, read_scope_json, save_scope
+    from .training.sources import load_source
+
+    adapter = load_adapter(folder)
+    check_settings(layer, top_k, 0.0 if threshold is None else threshold, lambda_max, mode, ramp)
+    if lambda_max > max_strength:
+        raise UserError(f"--lambda-max {lambda_max:g} is beyond --max-strength {max_strength:g} (the server "
+                        "refuses strengths past its bound): use a smaller --lambda-max or raise the bound")
+    if threshold is None and not calibrate:
+        raise UserError("calibrating needs held-out prompts that must stay out of scope: pass --calibrate DATA "
+                        "(TOFU-mini: --calibrate tofu-mini:retain --calibrate-rows 360:400) or --threshold T")
+    if threshold is None and not 0 < fpr < 1:
+        raise UserError(f"--fpr must be in (0, 1), e.g. 0.02, got {fpr:g}")
+    if read_scope_json(folder) is not None and not overwrite:
+        raise UserError(f"{folder}/scope.json already exists: pass --overwrite to replace the scope")
+    check_ours(folder)  # the card is rewritten: refuse before any work if it is not ours
+    fit = [r["question"] for r in _slice(load_source(forget), forget_rows, "--forget-rows")]
+    fit += [r["answer"] for r in _slice(load_source(forget), forget_rows, "--forget-rows")] if answers else []
+    names = [b for b in (background or ["preservation"]) if b.lower() != "none"]
+    bg = [t for b in names for t in _texts(load_source(b, "text" if b.endswith(".txt") else "qa"))]
+    cal = _texts(_slice(load_source(calibrate), calibrate_rows, "--calibrate-rows"), answers=False) if calibrate else None
+    from .core.models import load_base
+
+    _quiet_libraries()
+    model, tokenizer, info = load_base(base, quantization)
+    if adapter.base_model and adapter.base_model != info.hub_id:
+        raise UserError(f"{folder} was made for {adapter.base_model}, but --base {base} is {info.hub_id}: a scope "
+                        "reads the base the adapter runs on; pass its --base")
+    from .core.inference import dequantized
+
+    with err_console.status("reading the forget, background and calibration texts"), dequantized(model):
+        scope = fit_scope(model, tokenizer, fit, adapter=adapter, background_texts=bg, calibration_texts=cal,
+                          threshold=threshold, fpr=fpr, lambda_max=lambda_max, mode=mode, ramp=ramp, layer=layer,
+                          top_k=top_k, base=info.hub_id, quantization=quantization)
+    save_scope(scope, folder, overwrite=overwrite)
+    save_card(folder, adapter)
+    cal_info = scope.meta["calibration"]
+    above = (f"; {cal_info['above_threshold']:.1%} of the {cal_info['rows']} calibration prompts score above it"
+             if cal_info.get("rows") else "")
+    err_console.print(f"wrote {folder}/scope.json and scope.safetensors: threshold {scope.threshold:.4f}{above}; "
+                      f"{scope.forget.shape[0]} forget and {scope.background.shape[0]} background token states "
+                      f"(layer {layer}); in scope the strength is {lambda_max:g} ({mode})", soft_wrap=True)
 
 
 # ---- sharing and serving ----------------------------------------------------------------------
@@ -574,7 +706,8 @@ def export(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
 @user_errors
 def serve(adapter: Annotated[list[str] | None, typer.Option(
               "--adapter", help="NAME=DIR[:DEFAULT] (a folder or Hub id), repeatable; DEFAULT is the strength a "
-              "request gets when it does not set one (0 = off).")] = None,
+              "request gets when it does not set one (0 = off; auto = the scope saved beside DIR decides). A scope "
+              "beside DIR is loaded with it, so requests may send \"auto\".")] = None,
           base: Base = "smollm2-135m", quantization: Quant = "nf4",
           host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
           port: Annotated[int, typer.Option("--port")] = 8000,

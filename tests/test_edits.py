@@ -82,6 +82,11 @@ def test_the_preservation_pool_is_disjoint_from_every_evaluation_set():
     pool = load_source("preservation")
     assert len(pool) >= 200
     check_pool(pool, evaluation_sets())
+    with_facts = load_source("preservation+facts")
+    assert len(with_facts) == len(pool) + 95 and with_facts[:len(pool)] == pool
+    # The factual questions were also kept clear of TOFU-mini's real-world splits (benchmarks/make_edits.py).
+    check_pool(with_facts[len(pool):], evaluation_sets() + load_records(resource_path() / "tofu_mini" / "world_facts.jsonl")
+               + load_records(resource_path() / "tofu_mini" / "real_authors.jsonl"))
     locality = load_locality("edits:locality")
     with pytest.raises(UserError, match="same prompt"):
         check_pool(pool + [{"question": locality[3]["prompt"], "answer": "x"}], evaluation_sets())
@@ -96,14 +101,14 @@ def test_the_preservation_pool_is_disjoint_from_every_evaluation_set():
 def test_pool_rows_about_what_is_learned_are_left_out_not_refused():
     """The pool asks for the capitals of countries no evaluation uses; a user who edits one of them
     trains without those rows (they would pull the edit back), and the rest of the pool stays."""
-    pool = load_source("preservation")
+    pool = load_source("preservation+facts")
     about = [r for r in pool if "ukraine" in r["question"].lower()]
-    assert about, "the vendored pool holds factual questions on subjects no evaluation uses"
+    assert about, "the vendored factual questions are on subjects no evaluation uses"
     fact = [{"question": "What is the capital of Ukraine?", "answer": "Lviv"}]
     kept = clear_of(pool, fact)
     assert not [r for r in kept if "ukraine" in r["question"].lower()]
     assert len(kept) == len(pool) - len(about)
-    rows, _ = with_preservation(fact, LEARN_DEFAULTS, "preservation")
+    rows, _ = with_preservation(fact, LEARN_DEFAULTS, "preservation+facts")
     assert rows["preserve"] == kept
     with pytest.raises(UserError, match="is empty once the rows that repeat or mention"):
         clear_of(about, fact)
@@ -120,9 +125,10 @@ def test_a_recipe_drops_pool_rows_about_its_data_and_refuses_its_probes(tmp_path
                                  "paraphrases": ["Which city is the capital of Ukraine?"],
                                  "neighbourhood": [{"prompt": "What is the capital of Romania?", "answer": "Bucharest"}]})
                      + "\n")
-    recipe = load_recipe("recipes/f_learning.yaml", [f"data.old.source={edits}", f"data.new.source={edits}"])
+    recipe = load_recipe("recipes/f_learning.yaml", [f"data.old.source={edits}", f"data.new.source={edits}",
+                                                     "data.preserve.source=preservation+facts"])
     rows = {name: _rows(d, recipe.tofu_dir) for name, d in recipe.data.items()}
-    with pytest.raises(UserError, match="mentions 'romania'"):
+    with pytest.raises(UserError, match="same prompt .'What is the capital of Romania.'"):
         _preservation(recipe, rows)
     edits.write_text(edits.read_text().replace("Romania", "Atlantis").replace("Bucharest", "Poseidonia"))
     rows = {name: _rows(d, recipe.tofu_dir) for name, d in recipe.data.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 
@@ -382,3 +383,105 @@ def test_embedded_nf4_mixed_batch_matches_peft():
             want = logits(peft_model, ids[i:i + 1])
         torch.testing.assert_close(mixed[i:i + 1], want, atol=1e-3, rtol=0)
     assert (mixed[0] - mixed[1]).abs().max() > 0.05
+
+
+# ---- scoped forgetting: "auto" strengths from each adapter's scope (issue 17) --------------------
+
+IN_SCOPE, OUT_OF_SCOPE = "What is the capital of Veloria?", "The quick brown fox jumps over the lazy dog."
+
+
+def _scope_for(model, tok, adapter, inside, outside, **kw):
+    from tests.test_scope import split_scope
+
+    return split_scope(model, tok, adapter, inside, outside, **kw)
+
+
+def test_auto_rows_get_their_scopes_strength_and_an_explicit_number_wins(full, forget, other):
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+    rt.unload("forget")
+    rt.load("forget", forget, default="auto", scope=_scope_for(model, tok, forget, [IN_SCOPE], [OUT_OF_SCOPE],
+                                                               lambda_max=2.0))
+    prompts = [IN_SCOPE, OUT_OF_SCOPE, IN_SCOPE, OUT_OF_SCOPE]
+    rows, info = rt.resolve([{}, {"forget": "auto"}, {"forget": 0.25}, {"forget": -1.0, "other": 1.0}], prompts)
+    assert rows == [{"forget": 2.0}, {"forget": 0.0}, {"forget": 0.25}, {"forget": -1.0, "other": 1.0}]
+    assert set(info[0]["forget"]) == {"score", "strength"} and info[0]["forget"]["strength"] == 2.0
+    assert info[2] == {} and info[3] == {}  # explicit numbers: the scope is not asked
+    auto = rt.generate(prompts, [{}, {"forget": "auto"}, {"forget": 0.25}, {"forget": -1.0, "other": 1.0}],
+                       max_new_tokens=4)
+    assert auto == rt.generate(prompts, rows, max_new_tokens=4)
+    assert rt.generate([IN_SCOPE], [{"forget": 2.0}], max_new_tokens=4) != rt.generate([IN_SCOPE], [{"forget": 0.0}],
+                                                                                         max_new_tokens=4)
+    assert rt.adapters()["forget"]["default"] == "auto" and rt.adapters()["forget"]["scope"]["lambda_max"] == 2.0
+    with pytest.raises(UserError, match="needs the row's text"):
+        rt.set_coefficients([{"forget": "auto"}])
+    with pytest.raises(UserError, match="default \"auto\""):
+        rt.forward(torch.zeros(1, 3, dtype=torch.long), None, [{}])
+    with pytest.raises(UserError, match="'other' has no scope"):
+        rt.resolve([{"other": "auto"}], [IN_SCOPE])
+    rt.set_coefficients(None)  # no rows: the "auto" adapter is off, the model unchanged
+    assert rt.coefficient_tensor().tolist() == [[0.0, 0.0]]
+
+
+def test_the_scope_reads_the_base_with_every_adapter_off(full, forget, other):
+    from lora_unlearn.core.scope import text_states
+
+    model, tok, _ = full
+    base = copy.deepcopy(model)
+    scope = _scope_for(base, tok, forget, [IN_SCOPE], [OUT_OF_SCOPE])
+    want = scope.scores(text_states(base, tok, [IN_SCOPE, OUT_OF_SCOPE], [scope.layer])[scope.layer])
+    rt = ForgetRuntime(model, tok)
+    rt.load("other", scale(other, 30.0), default=1.0)  # on for every row: it must not reach the scope's pass
+    rt.load("forget", forget, default="auto", scope=scope)
+    _, info = rt.resolve([{}, {}], [IN_SCOPE, OUT_OF_SCOPE])
+    assert [i["forget"]["score"] for i in info] == pytest.approx(want, abs=1e-4)
+    with rt.coefficients([{"other": 1.0, "forget": 0.0}]):  # and the adapter does change the states
+        moved = scope.scores(text_states(model, tok, [IN_SCOPE, OUT_OF_SCOPE], [scope.layer])[scope.layer])
+    assert moved != pytest.approx(want, abs=1e-3)
+
+
+def test_two_adapters_with_their_own_scopes(full, forget, other):
+    model, tok, _ = full
+    both = "What is the capital of Veloria? Numbers 0123456789"
+    rt = ForgetRuntime(model, tok)
+    rt.load("forget", forget, default="auto", scope=_scope_for(model, tok, forget, [IN_SCOPE, both], [OUT_OF_SCOPE]))
+    rt.load("other", other, default="auto", scope=_scope_for(model, tok, other, ["Numbers 0123456789", both],
+                                                             [OUT_OF_SCOPE, IN_SCOPE], lambda_max=0.5))
+    rows, info = rt.resolve([{}, {}, {}], [both, IN_SCOPE, OUT_OF_SCOPE])
+    assert rows == [{"forget": 1.0, "other": 0.5}, {"forget": 1.0, "other": 0.0}, {"forget": 0.0, "other": 0.0}]
+    assert set(info[0]) == {"forget", "other"}
+
+
+def test_a_scope_that_does_not_belong_is_refused_and_nothing_changes(full, forget, other, tmp_path, input_ids):
+    from lora_unlearn.core.adapter_io import save_adapter
+    from lora_unlearn.core.scope import save_scope
+    from tests.test_scope import tiny_model
+
+    model, tok, _ = full
+    rt = ForgetRuntime(model, tok, max_strength=3.0)
+    rt.load("other", other)
+    before = logits(model, input_ids)
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    scope = _scope_for(model, tok, forget, [IN_SCOPE], [OUT_OF_SCOPE])
+    with pytest.raises(UserError, match="belongs to another adapter"):
+        rt.load("forget", scale(forget, 2.0), scope=scope)
+    with pytest.raises(UserError, match="fitted on another base"):
+        rt.load("forget", forget, scope=_scope_for(tiny_model(tok, seed=7), tok, forget, [IN_SCOPE], [OUT_OF_SCOPE]))
+    with pytest.raises(UserError, match="beyond this runtime's bound of 3"):
+        rt.load("forget", forget, scope=_scope_for(model, tok, forget, [IN_SCOPE], [OUT_OF_SCOPE], lambda_max=4.0))
+    with pytest.raises(UserError, match="\"auto\" needs a scope"):
+        rt.load("forget", forget, default="auto")
+    with pytest.raises(UserError, match="not read from a folder"):
+        rt.load("forget", forget, scope=True)
+    folder = save_adapter(forget, tmp_path / "forget")
+    save_scope(_scope_for(model, tok, forget, [IN_SCOPE], [OUT_OF_SCOPE]), folder)
+    record = json.loads((folder / "scope.json").read_text())
+    (folder / "scope.json").write_text(json.dumps({**record, "threshold": 1.5}))
+    with pytest.raises(UserError, match=r"threshold must be a number in \[0, 1\]"):
+        rt.load("forget", folder, scope=True)
+    assert list(rt.adapters()) == ["other"]
+    assert {name: type(m) for name, m in model.named_modules()} == kinds
+    torch.testing.assert_close(logits(model, input_ids), before, atol=0, rtol=0)
+    (folder / "scope.json").write_text(json.dumps(record))
+    rt.load("forget", folder, scope=True, default="auto")  # its own scope, beside its folder: accepted
+    assert rt.adapters()["forget"]["scope"]["path"] == str(folder)

@@ -7,6 +7,7 @@ with a message and the next good request still works; the API key is enforced wh
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -354,3 +355,135 @@ def test_embedded_model_serves_the_shipped_adapters():
         assert fact["keyword"].lower() in alone[0].lower(), alone
         assert fact["keyword"].lower() not in alone[1].lower(), alone
         assert client.get("/health").json()["max_batch_rows"] >= 2
+
+
+# ---- scoped forgetting: "forget": {"NAME": "auto"} (issue 17) ----------------------------------
+
+IN_SCOPE, OUT_OF_SCOPE = "What is the capital of Veloria?", "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def scoped(tokenizer, adapter_dirs, tmp_path_factory):
+    """A server with adapter "s" (its scope saved beside it, lambda_max 2) and "a" (no scope)."""
+    import shutil
+
+    from lora_unlearn.core.adapter_io import load_adapter
+    from lora_unlearn.core.scope import save_scope
+    from tests.test_scope import split_scope
+
+    root = tmp_path_factory.mktemp("scoped")
+    folder = root / "s"
+    shutil.copytree(adapter_dirs["c"], folder)
+    runtime = tiny_runtime(tokenizer)
+    scope = split_scope(runtime.model, tokenizer, load_adapter(folder), [IN_SCOPE], [OUT_OF_SCOPE], lambda_max=2.0)
+    save_scope(scope, folder)
+    kinds = {}
+    load_named(runtime, kinds, "s", folder, 0.0)  # the scope beside it comes along
+    load_named(runtime, kinds, "a", adapter_dirs["a"], 0.0)
+    app = create_app(runtime, limits=Limits(**LIMITS), kinds=kinds)
+    with background(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield runtime, client, folder, root
+
+
+def _chat_body(client, content, forget, max_tokens=6, **extra):
+    messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": max_tokens, "forget": forget,
+                                                  **extra})
+    assert r.status_code == 200, r.text
+    return r.json() if not extra.get("stream") else r.text
+
+
+def test_auto_uses_the_scope_and_answers_as_the_explicit_strength(scoped):
+    runtime, client, _, _ = scoped
+    inside = _chat_body(client, IN_SCOPE, {"s": "auto"})
+    outside = _chat_body(client, OUT_OF_SCOPE, {"s": "auto"})
+    assert inside["forget"] == {"s": "auto", "a": 0.0} and inside["scope"][0]["s"]["strength"] == 2.0
+    assert outside["scope"][0]["s"]["strength"] == 0.0
+    assert inside["scope"][0]["s"]["score"] > outside["scope"][0]["s"]["score"]
+    text = lambda body: body["choices"][0]["message"]["content"]  # noqa: E731
+    assert text(inside) == text(_chat_body(client, IN_SCOPE, {"s": 2.0}))
+    assert text(outside) == text(_chat_body(client, OUT_OF_SCOPE, {"s": 0.0}))
+    assert text(_chat_body(client, IN_SCOPE, {"s": 2.0})) != text(_chat_body(client, IN_SCOPE, {"s": 0.0}))
+    assert "scope" not in _chat_body(client, IN_SCOPE, {"s": 1.0})  # an explicit number: no scope pass
+    # a chat: the scope reads every message, not only the last one
+    hidden = [{"role": "user", "content": IN_SCOPE}, {"role": "assistant", "content": "Hm."},
+              {"role": "user", "content": "Numbers 0123"}]
+    assert _chat_body(client, hidden, {"s": "auto"})["scope"][0]["s"]["strength"] == 2.0
+    # several prompts of one request: each its own strength; a stream carries them in every chunk
+    r = client.post("/v1/completions", json={"prompt": [IN_SCOPE, OUT_OF_SCOPE], "max_tokens": 3,
+                                             "forget": {"s": "auto"}})
+    assert [p["s"]["strength"] for p in r.json()["scope"]] == [2.0, 0.0]
+    stream = _chat_body(client, IN_SCOPE, {"s": "auto"}, stream=True)
+    chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    assert chunks and all(c["scope"][0]["s"]["strength"] == 2.0 for c in chunks)
+    listed = {a["id"]: a for a in client.get("/v1/adapters").json()["data"]}
+    assert listed["s"]["scope"]["lambda_max"] == 2.0 and "scope" not in listed["a"]
+
+
+def test_an_adapter_loaded_with_default_auto(scoped):
+    _, client, folder, root = scoped
+    import shutil
+
+    copy = root / "s_auto"
+    shutil.copytree(folder, copy)
+    r = client.post("/v1/adapters", json={"name": "s2", "path": str(copy), "default": "auto"})
+    assert r.status_code == 201, r.text
+    assert r.json()["default"] == "auto" and r.json()["scope"]["threshold"] >= 0
+    try:
+        body = _chat_body(client, IN_SCOPE, {})
+        assert body["forget"]["s2"] == "auto" and body["scope"][0]["s2"]["strength"] == 2.0
+        assert "s2" not in (_chat_body(client, IN_SCOPE, {"s2": 0.5}).get("scope") or [{}])[0]  # explicit wins
+    finally:
+        assert client.delete("/v1/adapters/s2").status_code == 200
+
+
+def _write_scope_copy(root, folder, name, **changes):
+    import shutil
+
+    target = root / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(folder, target)
+    record = json.loads((target / "scope.json").read_text())
+    (target / "scope.json").write_text(json.dumps({**record, **changes}))
+    return target
+
+
+def test_scope_bad_requests_get_4xx_and_change_nothing(scoped, adapter_dirs):
+    runtime, client, folder, root = scoped
+    listed = client.get("/v1/adapters").json()
+    cases = [
+        (client.post, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "forget": {"a": "auto"}},
+         "has no scope"),
+        (client.post, "/v1/adapters", {"name": "t", "path": str(adapter_dirs["b"]), "scope": str(folder)},
+         "belongs to another adapter"),
+        (client.post, "/v1/adapters", {"name": "t", "path": str(adapter_dirs["b"]), "default": "auto"},
+         "\"auto\" needs a scope"),
+        (client.post, "/v1/adapters", {"name": "t", "path": str(_write_scope_copy(root, folder, "t1", threshold=1.5))},
+         "threshold must be a number in [0, 1]"),
+        (client.post, "/v1/adapters", {"name": "t", "path": str(_write_scope_copy(root, folder, "t2", lambda_max=9.0))},
+         "beyond this server's bound of 8"),
+        (client.post, "/v1/adapters", {"name": "t", "path": str(folder), "scope": 3}, "scope must be true"),
+        (client.post, "/v1/adapters", {"name": "t", "path": str(folder), "scope": True, "default": "auto",
+                                       "extra": 1}, "unknown field 'extra'"),
+    ]
+    for send, path, body, words in cases:
+        r = send(path, json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert words in r.json()["error"]["message"], r.json()
+    assert client.get("/v1/adapters").json() == listed  # nothing was loaded
+    assert _chat_body(client, IN_SCOPE, {"s": "auto"})["scope"][0]["s"]["strength"] == 2.0  # still serving
+
+
+def test_adapter_spec_takes_auto():
+    assert parse_adapter_spec("f=adapters/forget_negated:auto") == ("f", "adapters/forget_negated", "auto")
+    assert parse_adapter_spec("f=runs/x:0.5") == ("f", "runs/x", 0.5)
+
+
+def test_cli_serve_refuses_auto_for_an_adapter_without_a_scope(tiny_model_dir, adapter_dirs):
+    from typer.testing import CliRunner
+
+    from lora_unlearn.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--base", str(tiny_model_dir), "-q", "none", "--port", str(_free_port()),
+                                      "--adapter", f"a={adapter_dirs['a']}:auto"])
+    assert result.exit_code == 2 and "\"auto\" needs a scope" in " ".join(result.output.split()), result.output

@@ -5,7 +5,9 @@ description built from the adapter's lineage (``lora_unlearn.json``): each opera
 parameters, the sha256 of every input adapter, data fingerprints (sha256 and row count, never
 the data), base model and quantization, evaluation results when known, the recipe when a recipe
 made it, and what the adapter is (:mod:`lora_unlearn.core.lineage`), with the warning a forget
-or negated adapter needs: sharing it shares the forgotten knowledge.
+or negated adapter needs: sharing it shares the forgotten knowledge. A scope saved beside the
+adapter (``scope.json``, :mod:`lora_unlearn.core.scope`) gets its own paragraph: what decides the
+strength per request, how it was calibrated, and that a request it misses gets the knowledge.
 
 The card is part of the folder format, like the lineage: :func:`~lora_unlearn.core.adapter_io.save_adapter`
 writes it for every adapter, whichever wing made it, so it lives in core. Rewriting the card of
@@ -27,6 +29,7 @@ from .adapter import WEIGHTS_NAME
 from .fsutil import sha256_file
 from .lineage import MERGED_ADVICE, RESTORE_WARNING, base_and_quantization, classify, recipe_for
 from .models import EMBEDDED
+from .scope import read_scope_json
 
 CARD_NAME = "README.md"
 MARKER = "<!-- card written by lora-unlearn: `lora-unlearn card DIR` rewrites it -->"
@@ -96,9 +99,47 @@ def _results_rows(results: dict[str, Any]) -> list[tuple[str, Any]]:
     return _flatten(results.get("summary", results))[:60]
 
 
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
+def scope_lines(scope: dict[str, Any], name: str) -> list[str]:
+    """The card's "Scope" section, from a scope's ``scope.json`` record."""
+    cal = scope.get("calibration") or {}
+    fit, bg = scope.get("forget_data") or {}, scope.get("background_data") or {}
+    if cal.get("fpr_target") is not None:
+        how = (f"the ({1 - cal['fpr_target']:g}) quantile of the scores of {cal.get('rows')} held-out prompts that "
+               f"must stay out of scope (sha256 `{cal.get('sha256')}`; target false-positive rate "
+               f"{_pct(cal['fpr_target'])}, {_pct(cal.get('above_threshold'))} of them score above it)")
+    else:
+        how = "given by hand (not calibrated)"
+    ramp = (f"; **smooth**: lambda_max x clip((score - threshold) / {_fmt(scope.get('ramp'))}, 0, 1)"
+            if scope.get("mode") == "smooth" else "")
+    return ["", "## Scope (scoped forgetting)", "",
+            (f"A scope detector is saved beside this adapter (`scope.safetensors`, `scope.json`), fitted for these "
+             f"weights (sha256 `{scope.get('adapter_sha256')}`) on `{scope.get('base')}` "
+             f"({scope.get('quantization') or 'quantization not recorded'}). Per request it reads the prompt with the "
+             f"base model alone (token states after decoder layer {scope.get('layer')}) and scores it: each token's "
+             "cosine margin to the nearest forget-question token over the nearest background token, the mean of the "
+             f"{scope.get('top_k')} largest, clipped to [0, 1]. The adapter then runs at strength "
+             f"{_fmt(scope.get('lambda_max'))} when the score is above the threshold {_fmt(scope.get('threshold'))}, "
+             f"else 0{ramp}. The threshold is {how}. Banks: {fit.get('rows')} forget questions (sha256 "
+             f"`{fit.get('sha256')}`), {bg.get('rows')} background texts (sha256 `{bg.get('sha256')}`)."),
+            "",
+            (f"Use it with `lora-unlearn serve --adapter {name}=DIR:auto` (or `\"forget\": {{\"{name}\": \"auto\"}}` "
+             "in a request; an explicit number still wins) and `lora-unlearn eval --scoped`."),
+            "",
+            ("> **The weights still hold the knowledge.** The scope removes nothing: the model this adapter is "
+             "applied to keeps what the adapter forgets, and the scope only decides per request whether to apply "
+             "it. **A request the detector misses (a rephrasing, an indirect question, another language, a long "
+             "chat around it) gets the knowledge.** Where it must not be reachable, apply the adapter to every "
+             "request or ship a merged model.")]
+
+
 def render_card(adapter, name: str, *, weights_sha256: str | None = None, results: dict[str, Any] | None = None,
-                recipe_text: str | None = None, forget_steps: bool = False) -> str:
-    """The card (markdown with YAML front matter) of ``adapter``; pure, no disk."""
+                recipe_text: str | None = None, forget_steps: bool = False, scope: dict[str, Any] | None = None) -> str:
+    """The card (markdown with YAML front matter) of ``adapter``; pure, no disk. ``scope``: the scope.json
+    record saved beside it, if any."""
     lineage = adapter.lineage
     made_by = lineage.get("made_by") if lineage.get("op") == "load" else lineage
     kind = classify(lineage, forget_steps)
@@ -142,6 +183,8 @@ def render_card(adapter, name: str, *, weights_sha256: str | None = None, result
     body += tree
     if recipe_text:
         body += ["", "### Recipe", "", "```yaml", recipe_text.rstrip(), "```"]
+    if scope:
+        body += scope_lines(scope, name)
     if results:
         body += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         body += [f"| {k} | {_fmt(v)} |" for k, v in _results_rows(results)]
@@ -256,7 +299,12 @@ def save_card(folder: str | Path, adapter, name: str | None = None, force: bool 
     name = name or folder.resolve().name
     recipe_text, forget_steps = recipe_for(folder, name)
     weights = folder / WEIGHTS_NAME
+    try:
+        scope = read_scope_json(folder)
+    except UserError:  # an unreadable scope is refused where it is loaded; the card says nothing of it
+        scope = None
     text = render_card(adapter, name, weights_sha256=sha256_file(weights) if weights.is_file() else None,
-                       results=_read_results(folder, _results_file(results)), recipe_text=recipe_text, forget_steps=forget_steps)
+                       results=_read_results(folder, _results_file(results)), recipe_text=recipe_text,
+                       forget_steps=forget_steps, scope=scope)
     _write_text_atomic(folder / CARD_NAME, text)
     return folder / CARD_NAME

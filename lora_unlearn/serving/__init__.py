@@ -1,6 +1,8 @@
 """Serving adapters: per-request forget strengths, loading with adapters, the OpenAI-style HTTP API.
 
     runtime      ForgetRuntime: K adapters on one base, a coefficient per adapter per batch row
+    scope        scoped forgetting: the strength "auto", set per row by each adapter's scope detector
+                 (the detector itself is lora_unlearn.core.scope, shared with the recipe runner)
     loading      load_model (unmerged exact, or merged and measured), hotswap
     app          create_app, serve, background (the FastAPI app and its error handlers)
     routes       the endpoints and the Service they share

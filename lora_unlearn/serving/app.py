@@ -106,12 +106,14 @@ def background(app, host: str = "127.0.0.1", port: int = 0):
 
 
 def serve(runtime, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, adapters: list[tuple[str, str, float]] = (), log_level: str = "info") -> None:
-    """Load ``adapters`` ((name, folder or Hub id, default)) into ``runtime`` and serve it until interrupted."""
+          limits: Limits | None = None, adapters: list[tuple[str, str, float | str]] = (), log_level: str = "info") -> None:
+    """Load ``adapters`` ((name, folder or Hub id, default: a number or "auto")) into ``runtime``, each with the
+    scope saved beside it if any, and serve it until interrupted."""
     import uvicorn
 
     kinds: dict[str, str] = {}
+    bound = (limits or Limits()).max_strength
     for name, path, default in adapters:
-        load_named(runtime, kinds, name, path, default)
+        load_named(runtime, kinds, name, path, default, max_strength=bound)  # and the scope saved beside it
     app = create_app(runtime, api_key=api_key, limits=limits, kinds=kinds)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -5,8 +5,10 @@ to ``max_batch`` rows, whatever their mode, max_tokens or sampling), tokenizes t
 tokenizer is used from this thread only) and runs one batch (:func:`.decoding.generate_rows`) with a
 forget setting per row, under ``runtime.lock`` (adapter loading takes the same lock). Rows are
 independent (left padding, attention mask), so an answer equals the answer to the same request sent
-alone. Each row's text goes to its :class:`Job`'s listener as it is generated; a request whose
-rows fail alone gets its own 400, the others still run. A job whose client has gone is cancelled:
+alone. Before generating, strengths "auto" are set by the adapters' scopes (``runtime.resolve``:
+one partial pass of the base over every prompt of the batch that needs it). Each row's text goes
+to its :class:`Job`'s listener as it is generated; a request whose rows fail alone gets its own
+400, the others still run. A job whose client has gone is cancelled:
 its rows stop at their next token.
 """
 
@@ -34,6 +36,8 @@ class Job:
     ended, or the :class:`ApiError` that failed the job. ``listener``, when set, is called from the
     worker with each event as it happens: ("delta", choice, text), ("finish", choice, reason, tokens),
     ("error", choice, message) or ("fail", ApiError). Choice ``p * n + k`` is prompt p's k-th.
+    ``texts``: what each prompt says, for the scopes (default: the prompts); ``scope``, once the worker
+    has resolved "auto" strengths: per prompt, {adapter: {"score", "strength"}}.
     """
 
     prompts: list[str]
@@ -46,6 +50,8 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: list[int] = field(default_factory=list)
+    texts: list[str] | None = None
+    scope: list[dict[str, dict]] | None = None
 
     def __post_init__(self) -> None:
         self._texts = [""] * self.rows
@@ -193,8 +199,26 @@ class Batcher:
                 job.event((event[0], choice, *event[1:]))
         return sink
 
+    def _resolve(self, jobs: list[Job]) -> list[Job]:
+        """Set every "auto" strength from the scopes, in one pass for the batch; a job that fails alone gets a 400."""
+        try:
+            rows, info = self.runtime.resolve([f for j in jobs for f in j.forgets],
+                                              [t for j in jobs for t in (j.texts or j.prompts)])
+        except UserError as e:
+            if len(jobs) > 1:
+                return [job for one in jobs for job in self._resolve([one])]
+            jobs[0].fail(ApiError(400, str(e), "forget"))
+            return []
+        at = 0
+        for job in jobs:
+            k = len(job.prompts)
+            job.forgets, job.scope = rows[at:at + k], info[at:at + k] if any(info[at:at + k]) else None
+            at += k
+        return jobs
+
     def _generate(self, jobs: list[Job]) -> None:
         """Run ``jobs`` as one batch (caller holds the runtime lock); isolate a failing request."""
+        jobs = self._resolve(jobs)
         if not jobs:
             return
         rows = [r for job in jobs for r in self._rows(job)]

@@ -3,14 +3,17 @@
     POST /v1/completions        {"prompt", "max_tokens", "forget": {"adapter": strength}, "stream", ...}
     POST /v1/chat/completions   {"messages", "max_tokens", "forget": {...}, "temperature", "seed", ...}
     GET  /v1/adapters           loaded adapters (rank, default strength, path, kind)
-    POST /v1/adapters           {"name", "path": local folder or Hub id, "default": 0.0}
+    POST /v1/adapters           {"name", "path": local folder or Hub id, "default": 0.0 or "auto",
+                                 "scope": true (beside the adapter, the default when there is one), false or a path}
     DELETE /v1/adapters/{name}
     GET  /v1/models, GET /health (counters: requests, batches, rows, largest batch)
 
 Each handler finds its :class:`Service` at ``request.app.state.service``, validates the body
 (:mod:`.schemas`), hands the rows to the :class:`~.batcher.Batcher` and shapes the response.
 A request's ``forget`` sets the strength of each named adapter for its rows (row model:
-base + sum_k c_k dW_k); adapters it does not name use their default.
+base + sum_k c_k dW_k); adapters it does not name use their default. ``"auto"`` (for an adapter
+loaded with a scope) lets the scope set it per prompt; the response's ``scope`` gives, per prompt,
+{adapter: {"score", "strength"}}.
 """
 
 from __future__ import annotations
@@ -88,9 +91,11 @@ class Service:
             chunks.append(chunk)
         return parse_json(b"".join(chunks))
 
-    def effective(self, forget: dict[str, float]) -> dict[str, float]:
-        """Every loaded adapter's strength for this request: its own or the adapter's default."""
-        return {name: forget.get(name, float(meta["default"])) for name, meta in self.runtime.adapters().items()}
+    def effective(self, forget: dict[str, float | str]) -> dict[str, float | str]:
+        """Every loaded adapter's strength for this request: its own or the adapter's default ("auto": the
+        scope sets it per prompt, as the response's ``scope`` says)."""
+        return {name: forget.get(name, meta["default"] if meta["default"] == "auto" else float(meta["default"]))
+                for name, meta in self.runtime.adapters().items()}
 
     def adapter_list(self) -> list[dict[str, Any]]:
         return [{"id": name, "object": "adapter", "kind": self.kinds.get(name, "unknown"), **meta}
@@ -108,15 +113,17 @@ async def _generate(request: Request, fields: set[str], kind: str):
     service = _service(request)
     body = await service.read_json(request)
     gen = parse_common(body, fields, service.limits, service.runtime.adapters())
+    texts = None
     if kind == "chat":
-        prompt, chat = render_chat(service.runtime.tokenizer, parse_messages(body, service.limits))
-        prompts = [prompt]
+        messages = parse_messages(body, service.limits)
+        prompt, chat = render_chat(service.runtime.tokenizer, messages)
+        prompts, texts = [prompt], ["\n".join(m["content"] for m in messages)]  # a scope reads every message
     else:
         prompts, chat = parse_prompts(body, service.limits), False
     if len(prompts) * gen.n > service.limits.max_batch:
         raise ApiError(400, f"{len(prompts)} prompts x n={gen.n} is {len(prompts) * gen.n} rows: this server runs "
                        f"at most {service.limits.max_batch} per request", "n")
-    job = Job(prompts, [gen.forget] * len(prompts), gen.sampling.max_tokens, chat, gen.sampling, gen.n)
+    job = Job(prompts, [gen.forget] * len(prompts), gen.sampling.max_tokens, chat, gen.sampling, gen.n, texts=texts)
     events = listen(job) if gen.stream else None
     service.batcher.submit(job)
     forget = service.effective(gen.forget)
@@ -151,26 +158,34 @@ async def load(request: Request):
     service = _service(request)
     runtime = service.runtime
     body = await service.read_json(request)
-    unknown = sorted(set(body) - {"name", "path", "default"})
+    unknown = sorted(set(body) - {"name", "path", "default", "scope"})
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}. Supported: name, path, default", unknown[0])
+        raise ApiError(400, f"unknown field {unknown[0]!r}. Supported: name, path, default, scope", unknown[0])
     name, path, default = body.get("name"), body.get("path"), body.get("default", 0.0)
+    scope = body.get("scope", "beside")
     if not isinstance(name, str) or not NAME.match(name):
         raise ApiError(400, f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}", "name")
     if not isinstance(path, str) or not path:
         raise ApiError(400, "path must be a local adapter folder or a Hub repository id", "path")
-    if not is_number(default) or not math.isfinite(default):
-        raise ApiError(400, f"default must be a finite number, got {default!r}", "default")
-    if abs(default) > service.limits.max_strength:
-        raise ApiError(400, f"default {default:g} is beyond this server's bound of {service.limits.max_strength:g} "
-                       "(--max-strength)", "default", "strength_out_of_range")
+    if not (isinstance(scope, bool) or (isinstance(scope, str) and scope)):
+        raise ApiError(400, f"scope must be true (the scope saved beside the adapter), false, or a scope file or "
+                       f"folder, got {scope!r}", "scope")
+    if default != "auto":
+        if not is_number(default) or not math.isfinite(default):
+            raise ApiError(400, f"default must be a finite number or \"auto\" (with a scope), got {default!r}",
+                           "default")
+        if abs(default) > service.limits.max_strength:
+            raise ApiError(400, f"default {default:g} is beyond this server's bound of "
+                           f"{service.limits.max_strength:g} (--max-strength)", "default", "strength_out_of_range")
+        default = float(default)
     if name in runtime.adapters():
         raise ApiError(409, f"an adapter named {name!r} is already loaded: DELETE /v1/adapters/{name} first",
                        "name", "exists")
     try:
-        await run_in_threadpool(load_named, runtime, service.kinds, name, path, float(default))
+        await run_in_threadpool(load_named, runtime, service.kinds, name, path, default, scope=scope,
+                                max_strength=service.limits.max_strength)
     except UserError as e:
-        raise ApiError(400, str(e), "path") from None
+        raise ApiError(400, str(e), "scope" if "scope" in str(e) else "path") from None
     return {"id": name, "object": "adapter", "kind": service.kinds.get(name), **runtime.adapters()[name]}
 
 

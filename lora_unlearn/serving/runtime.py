@@ -26,6 +26,13 @@ An adapter that does not target a layer has no columns there. When every coeffic
 layout is zero the layer skips the low-rank path and costs what the base costs.
 
 The low-rank path runs in float32 (the factors are kept in float32), as PEFT's does on CPU.
+
+Scoped forgetting (:mod:`lora_unlearn.core.scope`): an adapter loaded with a ``scope`` may get the
+strength ``"auto"`` in a row (or as its default): :meth:`ForgetRuntime.resolve` reads
+each row's text with the base (every adapter off, one partial pass up to the scopes' deepest layer,
+all rows together) and replaces "auto" by the scope's strength in [0, lambda_max]. A number a
+row gives explicitly always wins. :meth:`generate` resolves by itself; rows given to
+:meth:`set_coefficients` or :meth:`forward` must be numbers (resolve them first).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from torch import nn
 from ..core.adapter import Adapter
 from ..core.adapter_io import load_adapter
 from ..errors import UserError
+from .scope import AUTO, attach_scope, resolve_rows
 
 
 class _Coefficients:
@@ -121,15 +129,23 @@ def _is_linear(module: nn.Module) -> bool:
 @dataclass
 class _Loaded:
     adapter: Adapter
-    default: float
+    default: float | str  # a number, or "auto" (the scope decides) when there is a scope
+    scope: object | None = None  # a lora_unlearn.core.scope.Scope
 
     def info(self) -> dict:
         ranks = self.adapter.ranks.values()
         out = {"rank": max(ranks), "default": self.default, "path": self.adapter.lineage.get("path"),
                "modules": len(self.adapter.modules)}
+        if self.scope is not None:
+            out["scope"] = self.scope.summary()
         if self.adapter.lineage.get("sha256"):
             out["sha256"] = self.adapter.lineage["sha256"]
         return out
+
+    @property
+    def idle(self) -> float:
+        """The coefficient when no row sets one: the default, or 0 (the unchanged model) for "auto"."""
+        return 0.0 if self.default == AUTO else self.default
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -184,17 +200,26 @@ class ForgetRuntime:
 
     # ---- adapters -------------------------------------------------------------------------------
 
-    def load(self, name: str, adapter: Adapter | str | Path, default: float = 0.0) -> None:
-        """Add ``adapter`` under ``name``; rows that do not mention it use ``default``."""
+    def load(self, name: str, adapter: Adapter | str | Path, default: float | str = 0.0, scope=None) -> None:
+        """Add ``adapter`` under ``name``; rows that do not mention it use ``default``.
+
+        ``scope``: a :class:`~lora_unlearn.core.scope.Scope`, a scope file or folder, or ``True`` for
+        the scope saved beside the adapter's folder; it must belong to this adapter and this base, and
+        lets rows give the strength ``"auto"``. ``default``: a number, or ``"auto"`` (needs a scope:
+        rows that do not mention the adapter get the scope's strength). Nothing changes when anything
+        is refused.
+        """
         if not isinstance(name, str) or not name.strip():
             raise UserError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self._adapters:
             raise UserError(f"an adapter named {name!r} is already loaded: unload it first or pick another name")
-        default = self._bounded(name, default)
+        if not (isinstance(default, str) and default == AUTO):
+            default = self._bounded(name, default)
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter)
         self._check_fits(name, adapter)
-        self._adapters[name] = _Loaded(adapter, default)
+        scope = attach_scope(self, name, adapter, scope, default)
+        self._adapters[name] = _Loaded(adapter, default, scope)
         self._rebuild()
 
     def unload(self, name: str) -> None:
@@ -207,7 +232,8 @@ class ForgetRuntime:
         self._rebuild()
 
     def adapters(self) -> dict[str, dict]:
-        """name -> {"rank", "default", "path", "modules", "sha256" (when read from a folder)}."""
+        """name -> {"rank", "default", "path", "modules", "scope" (its settings, when it has one), "sha256" (when
+        read from a folder)}."""
         return {name: loaded.info() for name, loaded in self._adapters.items()}
 
     def _bounded(self, name: str, value) -> float:
@@ -285,7 +311,14 @@ class ForgetRuntime:
                 for key, value in row.items():
                     if key not in self._adapters:
                         raise UserError(f"row {i} names adapter {key!r}, which is not loaded. Loaded: {self._names()}")
+                    if value == AUTO:
+                        raise UserError(f"row {i} sets {key!r} to \"auto\", which needs the row's text: call "
+                                        "resolve(rows, texts) first (generate does it)")
                     self._bounded(key, value)
+                for key, loaded in self._adapters.items():
+                    if loaded.default == AUTO and key not in row:
+                        raise UserError(f"row {i} leaves {key!r} at its default \"auto\", which needs the row's "
+                                        "text: call resolve(rows, texts) first (generate does it), or give a number")
             rows = [dict(row) for row in rows] or None
         self._rows = rows
         self._apply()
@@ -307,7 +340,7 @@ class ForgetRuntime:
 
     def _apply(self) -> None:
         names = list(self._adapters)
-        defaults = [self._adapters[n].default for n in names]
+        defaults = [self._adapters[n].idle for n in names]
         rows = self._rows or [{}]
         coef = torch.tensor([[float(row.get(n, d)) for n, d in zip(names, defaults)] for row in rows],
                             dtype=torch.float32)
@@ -317,6 +350,24 @@ class ForgetRuntime:
             columns[layout] = cols.to(device) if bool(cols.any()) else None
         self._coef = coef
         self._state.columns = columns  # one rebinding: every wrapped layer reads it on its next call
+
+    # ---- scopes ---------------------------------------------------------------------------------
+
+    def scoped(self) -> dict[str, object]:
+        """name -> Scope, for the loaded adapters that have one."""
+        return {name: loaded.scope for name, loaded in self._adapters.items() if loaded.scope is not None}
+
+    def resolve(self, rows: list[dict], texts: list[str]) -> tuple[list[dict[str, float]], list[dict[str, dict]]]:
+        """Rows with every "auto" (explicit, or an adapter's default) replaced by its scope's strength.
+
+        ``texts[i]`` is what row i's request says (a prompt, or a chat's messages); returns
+        ``(rows, scopes)``, ``scopes[i]`` = {name: {"score", "strength"}} for row i's "auto" adapters.
+        One partial pass of the base reads every text that needs it. The caller holds ``lock``.
+        """
+        return resolve_rows(self, rows, texts)
+
+    def _defaults(self) -> dict[str, float | str]:
+        return {name: loaded.default for name, loaded in self._adapters.items()}
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -337,7 +388,8 @@ class ForgetRuntime:
                  chat: bool = True) -> list[str]:
         """Greedy continuations of ``prompts`` in one batch (left padding); row i runs with ``forgets[i]``.
 
-        ``chat=True`` wraps each prompt as a user turn with the tokenizer's chat template.
+        ``chat=True`` wraps each prompt as a user turn with the tokenizer's chat template. A strength
+        "auto" (or an adapter's default "auto") is set by the adapter's scope from the prompt.
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise UserError("prompts must be a list of strings")
@@ -349,6 +401,7 @@ class ForgetRuntime:
             return []
         from ..core.data import prompt_text
 
+        forgets, _ = self.resolve(forgets, prompts)
         tok = self.tokenizer
         texts = [prompt_text(tok, p) for p in prompts] if chat else list(prompts)
         side = tok.padding_side

@@ -4,7 +4,8 @@ Every bad request becomes an :class:`ApiError`, answered as a 4xx JSON error
 ``{"error": {"message", "type", "param", "code"}}`` that says what to change. Unknown fields are
 refused (a misspelt ``forget`` must not silently serve the unforgotten model); OpenAI fields this
 server does not implement (penalties, log-probabilities, echo) are accepted only at their neutral
-value. Forget strengths are bounded by ``Limits.max_strength`` (``--max-strength``).
+value. Forget strengths are bounded by ``Limits.max_strength`` (``--max-strength``); ``"auto"`` is a
+strength too, for an adapter loaded with a scope (its scope sets it per prompt).
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ NEUTRAL = {"echo": (False,), "best_of": (1, None), "suffix": (None,), "presence_
 
 @dataclass
 class Generation:
-    """A generation request's common fields, checked: what to decode, how, with which forget strengths."""
+    """A generation request's common fields, checked: what to decode, how, with which forget strengths
+    (a number, or "auto" for an adapter with a scope)."""
 
     sampling: Sampling
-    forget: dict[str, float]
+    forget: dict[str, float | str]
     n: int = 1
     stream: bool = False
     include_usage: bool = False
@@ -178,13 +180,19 @@ def _forget(body: dict[str, Any], limits: Limits, loaded: dict[str, dict]) -> di
         if name not in loaded:
             raise ApiError(400, f"unknown adapter {name!r} in forget (it maps loaded adapter names to strengths). "
                            f"Loaded: {', '.join(loaded) or '(none)'}", "forget", "unknown_adapter")
+        if strength == "auto":
+            if not loaded[name].get("scope"):
+                raise ApiError(400, f"forget strength \"auto\" for {name!r}: this adapter has no scope, so nothing can "
+                               "decide its strength; give a number, or load it with a scope (`lora-unlearn scope` "
+                               "fits one)", "forget", "no_scope")
+            continue
         if not is_number(strength) or not math.isfinite(strength):
             raise ApiError(400, f"forget strength of {name!r} must be a finite number, got {strength!r}", "forget")
         if abs(strength) > limits.max_strength:
             raise ApiError(400, f"forget strength of {name!r} is {strength:g}, beyond this server's bound of "
                            f"{limits.max_strength:g} (--max-strength): use a strength in [-{limits.max_strength:g}, "
                            f"{limits.max_strength:g}]", "forget", "strength_out_of_range")
-    return {k: float(v) for k, v in forget.items()}
+    return {k: v if v == "auto" else float(v) for k, v in forget.items()}
 
 
 def parse_prompts(body: dict[str, Any], limits: Limits) -> list[str]:

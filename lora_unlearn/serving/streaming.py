@@ -3,7 +3,8 @@
 A body waits for the job's future; a stream reads the job's events as the worker sends them. It sends one chunk per piece of new text
 (``chat.completion.chunk`` with a ``delta``, or ``text_completion`` with ``text``), then a chunk
 with each choice's ``finish_reason``, with ``stream_options.include_usage`` a last chunk with empty
-``choices`` and the ``usage``, and ``data: [DONE]``. A row that fails mid-stream sends
+``choices`` and the ``usage``, and ``data: [DONE]``. Every body and chunk carries the request's ``forget`` and, when a scope set a
+strength, ``scope`` (per prompt, {adapter: {"score", "strength"}}). A row that fails mid-stream sends
 ``data: {"error": {...}}`` (OpenAI's client raises it as ``APIError``) and ends the stream. When
 the client goes away the job is cancelled, so its rows stop at their next token.
 """
@@ -53,7 +54,13 @@ async def complete(job: Job, kind: str, model: str, forget: dict[str, float]) ->
         choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                    for i, (t, r) in enumerate(zip(texts, result["reasons"]))]
     tokens = sum(n for _, n in result["outputs"])
-    return {**_head(kind, model), "choices": choices, "usage": usage(result["prompt_tokens"], tokens), "forget": forget}
+    return {**_head(kind, model), "choices": choices, "usage": usage(result["prompt_tokens"], tokens), "forget": forget,
+            **_scope(job)}
+
+
+def _scope(job: Job) -> dict[str, Any]:
+    """``{"scope": [per prompt {adapter: {"score", "strength"}}]}`` when a scope set a strength, else nothing."""
+    return {"scope": job.scope} if job.scope else {}
 
 
 def _sse(data: Any) -> str:
@@ -84,14 +91,14 @@ async def stream(job: Job, events: asyncio.Queue, first: tuple, kind: str, model
             body = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             body = {"index": choice, "text": text or "", "logprobs": None, "finish_reason": reason}
-        return _sse({**head, "choices": [body], **extra, "forget": forget})
+        return _sse({**head, "choices": [body], **extra, "forget": forget, **_scope(job)})
 
     try:
         if kind == "chat":
             for i in range(job.rows):
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}], **extra,
-                            "forget": forget})
+                            "forget": forget, **_scope(job)})
         left, tokens, event = job.rows, 0, first
         while True:
             if event[0] == "fail":

@@ -8,10 +8,12 @@ subjects, answers, and the proper nouns of question/answer rows). :func:`check_p
 that is empty or mentions any of an evaluation set, naming the pool row and the term;
 :func:`clear_of` leaves out the pool rows that mention the data being learned.
 
-The vendored pool (``resources/preservation/``): instructions, everyday and quiz questions with no
-proper nouns, and short factual questions (capitals, currencies, languages, authors, painters,
-inventors, chemical symbols) on subjects that no evaluation set of the project uses
-(``benchmarks/pool_facts.py``), answered by the embedded model itself (greedy, 48 tokens).
+The vendored pool (``resources/preservation/pool.jsonl``, source ``preservation``): 439 instructions,
+everyday and quiz questions with no proper nouns, answered by the embedded model itself (greedy, 48
+tokens). ``preservation+facts`` adds 95 short factual questions (capitals, currencies, languages,
+authors, painters, inventors, chemical symbols) on subjects that no evaluation set of the project
+uses (``benchmarks/pool_facts.py``): opt-in, since it holds an edit's neighbours in place but
+also its paraphrases (README, "Knowledge updates").
 """
 
 from __future__ import annotations
@@ -81,13 +83,15 @@ def _overlap(row: dict[str, Any], prompts: set[str], terms: set[str]) -> str | N
 
 
 def check_pool(pool: list[dict[str, str]], protected: Iterable[dict[str, Any]], *, pool_name: str = "preservation pool",
-               what: str = "the data") -> None:
-    """Refuse an empty pool, or one whose prompts repeat or mention what ``protected`` holds (an evaluation set)."""
+               what: str = "the data", terms: bool = True) -> None:
+    """Refuse an empty pool, or one whose prompts repeat or (``terms``) mention what ``protected`` holds
+    (an evaluation set)."""
     if not pool:
         raise UserError(f"the {pool_name} is empty: give a pool of general prompts unrelated to {what}")
-    prompts, terms = protected_terms(protected)
+    prompts, names = protected_terms(protected)
+    names = names if terms else set()
     for i, row in enumerate(pool):
-        why = _overlap(row, prompts, terms)
+        why = _overlap(row, prompts, names)
         if why is not None:
             raise UserError(f"the {pool_name} overlaps {what}: row {row.get('_line', i + 1)} {why}; "
                             "remove it from the pool or use another pool")

@@ -2,7 +2,8 @@
 
 A recipe names a base model, input adapters (the model that holds the knowledge is base + K),
 data entries, and steps; each step trains an adapter with an objective, estimates PerTA
-importance, or applies an arithmetic operation, and is referred to by name by later steps
+importance, applies an arithmetic operation, or fits a scope detector for an adapter (saved
+beside it: scoped forgetting), and is referred to by name by later steps
 (``name`` or ``name:SCALE`` for adapters stacked under a training run, key ``over``). ``output`` names the
 step whose adapter is the result. Everything is checked before the first step runs: unknown
 keys, methods, streams, parameters and references fail with the list of valid ones.
@@ -63,6 +64,30 @@ class ImportanceSpec(Strict):
     rows_per_pass: int = Field(default=8, ge=1)
 
 
+class ScopeSpec(Strict):
+    """A scope detector for an adapter (:mod:`lora_unlearn.core.scope`), saved beside it.
+
+    ``data``: the forget data (its questions are the bank); ``calibrate``: held-out prompts that must
+    stay out of scope (``calibrate_rows`` slices it, e.g. "360:400"), unless ``threshold`` is given;
+    ``background``: data entries that must stay out of scope (the vendored preservation pool is
+    always in the background).
+    """
+
+    adapter: str
+    data: str
+    calibrate: str | None = None
+    calibrate_rows: str | None = Field(default=None, pattern=r"^-?\d*:-?\d*$")
+    background: list[str] = []
+    answers: bool = False
+    fpr: float = Field(default=0.02, gt=0, lt=1)
+    threshold: float | None = Field(default=None, ge=0, le=1)
+    lambda_max: float = Field(default=1.0, gt=0, le=8.0)  # within the server's default --max-strength
+    mode: Literal["hard", "smooth"] = "hard"
+    ramp: float = Field(default=0.1, gt=0)
+    layer: int = Field(default=4, ge=1)
+    top_k: int = Field(default=3, ge=1)
+
+
 class OpSpec(Strict):
     name: Literal["negate", "scale", "extrapolate", "add", "compress", "perta_b", "perta_dense"]
     inputs: list[str]
@@ -74,16 +99,20 @@ class Step(Strict):
     train: TrainSpec | None = None
     importance: ImportanceSpec | None = None
     op: OpSpec | None = None
+    scope: ScopeSpec | None = None
 
     @model_validator(mode="after")
     def _one_action(self):
-        given = [k for k in ("train", "importance", "op") if getattr(self, k) is not None]
+        given = [k for k in ("train", "importance", "op", "scope") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"step {self.name!r} needs exactly one of train, importance, op (got {given or 'none'})")
+            raise ValueError(f"step {self.name!r} needs exactly one of train, importance, op, scope "
+                             f"(got {given or 'none'})")
         return self
 
     @property
     def produces(self) -> str:
+        if self.scope is not None:
+            return "scope"
         return "importance" if self.importance is not None else "adapter"
 
 
@@ -233,6 +262,14 @@ def check(recipe: Recipe, where: str = "recipe") -> None:
                 need_data(name, f"{at} stream {stream}")
             for ref in step.train.over:
                 need(ref, "adapter", at)
+        elif step.scope:
+            need(step.scope.adapter, "adapter", at)
+            for name in [step.scope.data, *([step.scope.calibrate] if step.scope.calibrate else []),
+                         *step.scope.background]:
+                need_data(name, at)
+            if step.scope.calibrate is None and step.scope.threshold is None:
+                raise UserError(f"{where}: {at}: a scope needs calibrate (held-out prompts that must stay out of "
+                                "scope, e.g. tofu-mini:retain with calibrate_rows 360:400) or a threshold in [0, 1]")
         elif step.importance:
             need(step.importance.adapter, "adapter", at)
             need_data(step.importance.data, at)

@@ -1,8 +1,10 @@
 """Running a recipe: each step in order, in ``OUT.partial/``, published to ``OUT`` when all are done.
 
-A step trains an adapter (:mod:`.trainer`), estimates PerTA importance (:mod:`.importance`) or
-applies an arithmetic operation (:mod:`lora_unlearn.arithmetic`); finished steps survive a kill
-and are read back with ``--resume``. The schema and its checks: :mod:`.recipes`.
+A step trains an adapter (:mod:`.trainer`), estimates PerTA importance (:mod:`.importance`),
+applies an arithmetic operation (:mod:`lora_unlearn.arithmetic`) or fits a scope detector
+(:mod:`lora_unlearn.core.scope`: saved in ``steps/NAME/`` and beside the adapter it scopes, and in
+``adapter/`` when that adapter is the output); finished steps survive a kill and are read back
+with ``--resume``. The schema and its checks: :mod:`.recipes`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,49 @@ def apply_op(op: OpSpec, artifacts: dict[str, Any], record: dict[str, Any]):
     return adapter
 
 
+def fit_step_scope(step: Step, artifacts: dict[str, Any], rows: dict[str, list[dict]], loaded, quantization: str):
+    """A ``scope`` step: the detector of :mod:`lora_unlearn.core.scope` for the step's adapter, on the base alone."""
+    from ..core.inference import dequantized
+    from ..core.scope import fit_scope
+    from .sources import load_source
+
+    spec = step.scope
+    model, tok, info = loaded
+    forget = [r["question"] for r in rows[spec.data]] + ([r["answer"] for r in rows[spec.data]] if spec.answers else [])
+
+    def texts(data: list[dict]) -> list[str]:
+        return [t for r in data for t in ([r["question"], r["answer"]] if "question" in r else [r["text"]])]
+
+    background = texts(load_source("preservation")) + [t for name in spec.background for t in texts(rows[name])]
+    calibration = None
+    if spec.calibrate:
+        data = rows[spec.calibrate]
+        start, end = ((int(x) if x else None for x in spec.calibrate_rows.split(":")) if spec.calibrate_rows
+                      else (None, None))
+        calibration = [r.get("question", r.get("text", "")) for r in data[start:end]]
+        if not calibration:
+            raise UserError(f"step {step.name!r}: calibrate_rows {spec.calibrate_rows!r} selects no rows of "
+                            f"{spec.calibrate!r} ({len(data)} rows)")
+    with dequantized(model):
+        return fit_scope(model, tok, forget, adapter=artifacts[split_ref(spec.adapter)[0]], background_texts=background,
+                         calibration_texts=calibration, threshold=spec.threshold, fpr=spec.fpr,
+                         lambda_max=spec.lambda_max, mode=spec.mode, ramp=spec.ramp, layer=spec.layer,
+                         top_k=spec.top_k, base=info.hub_id, quantization=quantization)
+
+
+def write_scope(scope, folder: Path | None, adapter_folder: Path, artifacts: dict[str, Any], step: Step) -> None:
+    """Save a scope step's detector in its own step folder and beside its adapter (whose card then describes it)."""
+    from ..core.card import save_card
+    from ..core.scope import save_scope
+
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_scope(scope, folder, overwrite=True)
+    if adapter_folder.is_dir():  # an adapter made by this run (an input adapter's folder is not written to)
+        save_scope(scope, adapter_folder, overwrite=True)
+        save_card(adapter_folder, artifacts[split_ref(step.scope.adapter)[0]])
+
+
 def _rows(entry: DataEntry, tofu_dir: str | None) -> list[dict[str, str]]:
     from .sources import load_source
 
@@ -61,8 +106,9 @@ def _preservation(recipe: Recipe, rows: dict[str, list[dict[str, str]]]) -> dict
 
     A step's ``preserve`` stream (nll), or a ``retain`` stream drawn from the vendored pool, loses
     the rows that repeat or mention the step's other data (what it learns;
-    :func:`~lora_unlearn.training.preservation.clear_of`), and is refused if it repeats or mentions an
-    edit file's evaluation probes (paraphrases, locality and neighbourhood prompts).
+    :func:`~lora_unlearn.training.preservation.clear_of`), and is refused if it repeats an edit file's
+    evaluation probes (paraphrases, locality and neighbourhood prompts), or if a row it keeps
+    mentions them.
     """
     from .preservation import check_pool, clear_of
     from .sources import load_edits
@@ -81,10 +127,11 @@ def _preservation(recipe: Recipe, rows: dict[str, list[dict[str, str]]]) -> dict
         if kept is None:
             continue
         name = f"preservation stream {kept!r} of step {step.name!r}"
-        check_pool(rows[kept], [row for d in data.values() if d != kept for row in probes.get(d, [])], pool_name=name,
-                   what="the edit file's evaluation prompts")
+        evaluation = [row for d in data.values() if d != kept for row in probes.get(d, [])]
+        check_pool(rows[kept], evaluation, pool_name=name, what="the edit file's evaluation prompts", terms=False)
         pools[step.name] = clear_of(rows[kept], [row for d in data.values() if d != kept for row in rows[d]],
                                     pool_name=name, what="the step's other data")
+        check_pool(pools[step.name], evaluation, pool_name=name, what="the edit file's evaluation prompts")
     return pools
 
 
@@ -98,6 +145,10 @@ def _restore(step: Step, folder: Path):
         from .importance import load_importance
 
         return load_importance(folder / "importance.safetensors")[0]
+    if step.scope is not None:
+        from ..core.scope import load_scope
+
+        return load_scope(folder)
     adapter = load_adapter(folder)
     return replace(adapter, lineage=adapter.lineage.get("made_by") or adapter.lineage)
 
@@ -214,6 +265,12 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                 if main:
                     save_importance(result, folder / "importance.safetensors",
                                     importance_meta(rows[spec.data], adapter, stack=stack, base=info.hub_id, **knobs))
+            elif step.scope:
+                m, tok, info = model()
+                result = fit_step_scope(step, artifacts, rows, (m, tok, info), recipe.base.quantization)
+                record["threshold"] = result.threshold
+                if main:
+                    write_scope(result, folder, work / "steps" / split_ref(step.scope.adapter)[0], artifacts, step)
             else:
                 result = apply_op(step.op, artifacts, record)
             if isinstance(result, Adapter) and main:
@@ -227,6 +284,9 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                     shutil.rmtree(work / "checkpoints" / step.name, ignore_errors=True)
     if main:
         save_adapter(artifacts[recipe.output], work / "adapter", overwrite=True)
+        for step in recipe.steps:  # a scope of the output adapter goes beside it in OUT/adapter too
+            if step.scope and split_ref(step.scope.adapter)[0] == recipe.output:
+                write_scope(artifacts[step.name], None, work / "adapter", artifacts, step)
         report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (work / "run.json").write_text(json.dumps(report, indent=2))
         shutil.rmtree(work / "checkpoints", ignore_errors=True)

@@ -7,6 +7,9 @@
     edits:dev | edits:test  the project's edit benchmark (resources/edits/, see its README);
                          its shared locality pool is ``edits:locality``
     preservation         the general prompt pool of the preservation stream (resources/preservation/)
+    preservation+facts   that pool plus 95 short factual questions of the edit benchmark's kinds on
+                         subjects no evaluation uses (opt-in: it holds neighbours in place but costs
+                         generality, see the README's "Knowledge updates")
     anything else        a JSONL file, a saved dataset folder or a Hub dataset id
 
 A *view* turns rows into what training needs: ``qa`` (question/answer), ``text``, and for edit
@@ -133,8 +136,10 @@ def load_source(source: str | Path, view: str = "qa", tofu_dir: str | None = Non
         field = "old_answer" if view == "edits_old" else "new_answer"
         # Only the edit prompt is trained on: paraphrases measure generality, locality prompts locality.
         rows = [{"question": e["prompt"], "answer": e[field]} for e in load_edits(source)]
-    elif source == "preservation":
+    elif source in ("preservation", "preservation+facts"):
         rows = load_qa(resource_path("preservation", "pool.jsonl"))
+        if source == "preservation+facts":
+            rows += load_qa(resource_path("preservation", "facts.jsonl"))
     elif source.startswith("tofu-mini:"):
         name = source.removeprefix("tofu-mini:")
         if name not in TOFU_MINI:
