@@ -14,8 +14,9 @@ Protocol (fit and test apart):
   rule that reads none of the sets above: fit on rows 0 mod 4, recall on the questions and answers
   of rows 2 mod 4, false positives on holdout01 (two other fictitious authors), background the
   preservation pool; highest recall, then fewest holdout01 false positives, then the cheapest layer;
-- the background bank of the reported detector is the preservation pool plus holdout01's
-  questions and answers (rows with "pool only" are given beside it);
+- the background bank of the reported detector is the prompts of the vendored preservation pool and
+  its factual questions (``preservation+facts``, checked against every evaluation set) plus
+  holdout01's questions and answers (rows with "pool only" are given beside it);
 - latency: the real server (uvicorn on loopback, the embedded model in nf4, adapters/forget_negated
   standing in for a forget adapter: the detector does not read the adapter, only its sha256 binds
   it), sequential greedy requests, each prompt sent with "auto" and with the strength "auto" gave
@@ -60,7 +61,9 @@ def chat_text(messages: list[dict]) -> str:
 def load_sets() -> dict[str, list[dict]]:
     forget, retain = read(TOFU / "forget01.jsonl"), read(TOFU / "retain.jsonl")
     extra = read(TOFU / "forget01_rephrased.jsonl")
-    pool = read(ROOT / "lora_unlearn" / "resources" / "preservation" / "pool.jsonl")
+    from lora_unlearn.training.sources import load_source
+
+    pool = load_source("preservation+facts")  # the scope's default background: the pool's prompts
     hold = read(TOFU / "holdout01.jsonl")
     sets = {
         "forget_q": [{"text": r["question"], "row": i} for i, r in enumerate(forget)],

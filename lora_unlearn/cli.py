@@ -545,6 +545,15 @@ def _slice(rows: list, spec: str | None, flag: str) -> list:
     return rows[start:end]
 
 
+def _rows_of(source: str) -> list[dict]:
+    """QA or text rows of a named source (preservation, tofu-mini:NAME, ...) or a file."""
+    from .core.data import load_any
+    from .training.sources import load_source
+
+    named = source in ("preservation", "preservation+facts") or source.startswith(("tofu-mini:", "tofu:", "edits"))
+    return load_source(source) if named else load_any(source)
+
+
 def _texts(rows: list[dict], answers: bool = True) -> list[str]:
     """What a scope reads of data rows: questions (and answers) of QA rows, the text of text rows."""
     return [t for r in rows for t in ([r["question"], *([r["answer"]] if answers else [])] if "question" in r
@@ -562,8 +571,9 @@ def scope_(folder: Annotated[Path, typer.Argument(help="The adapter folder; the 
            calibrate_rows: Annotated[str | None, typer.Option("--calibrate-rows", help="START:END slice of --calibrate "
                                                               "(TOFU-mini: 360:400).")] = None,
            background: Annotated[list[str] | None, typer.Option("--background", help="Text that must stay out of scope "
-                                                                "(repeatable; default: preservation, the vendored pool; "
-                                                                "'none' for no background).")] = None,
+                                                                "(repeatable; default: preservation+facts, the vendored "
+                                                                "pool's prompts; 'none' for no background; the benchmark "
+                                                                "adds tofu-mini:holdout01).")] = None,
            answers: Annotated[bool, typer.Option("--answers", help="Put the forget answers in the bank too (more "
                                                  "indirect questions found, more false positives).")] = False,
            fpr: Annotated[float, typer.Option("--fpr", help="Target false-positive rate on --calibrate.")] = 0.02,
@@ -601,10 +611,11 @@ def scope_(folder: Annotated[Path, typer.Argument(help="The adapter folder; the 
     if read_scope_json(folder) is not None and not overwrite:
         raise UserError(f"{folder}/scope.json already exists: pass --overwrite to replace the scope")
     check_ours(folder)  # the card is rewritten: refuse before any work if it is not ours
-    fit = [r["question"] for r in _slice(load_source(forget), forget_rows, "--forget-rows")]
-    fit += [r["answer"] for r in _slice(load_source(forget), forget_rows, "--forget-rows")] if answers else []
-    names = [b for b in (background or ["preservation"]) if b.lower() != "none"]
-    bg = [t for b in names for t in _texts(load_source(b, "text" if b.endswith(".txt") else "qa"))]
+    rows = _slice(load_source(forget), forget_rows, "--forget-rows")
+    fit = [r["question"] for r in rows] + ([r["answer"] for r in rows] if answers else [])
+    names = [b for b in (background or ["preservation+facts"]) if b.lower() != "none"]
+    # the vendored pool gives its prompts (its answers are the embedded model's own generations)
+    bg = [t for b in names for t in _texts(_rows_of(b), answers=not b.startswith("preservation"))]
     cal = _texts(_slice(load_source(calibrate), calibrate_rows, "--calibrate-rows"), answers=False) if calibrate else None
     from .core.models import load_base
 

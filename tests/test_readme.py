@@ -39,6 +39,12 @@ BIN = str(Path(sys.executable).parent)
 
 # Commands (by prefix) not run by this test, and why.
 SKIPPED = {
+    "lora-unlearn scope": "fits a scope on a TOFU-mini run (needs K and a method's run); tests/test_scope.py fits "
+                          "scopes on the tiny and the embedded model",
+    "lora-unlearn serve --adapter knowledge=runs/": "serves TOFU-mini adapters that a benchmark run makes; "
+                                                    "tests/test_server.py serves scoped adapters",
+    "lora-unlearn eval --scoped": "a full scoped TOFU evaluation (minutes); tests/test_scope.py runs eval --scoped",
+    ".venv/bin/python benchmarks/scope.py": "the detector benchmark (7 minutes), not a test",
     "make demo": "the demo itself: tests/test_embedded.py runs run_demo and checks its goals",
     "make test": "the suite that contains this test",
     "lora-unlearn eval --benchmark tofu": "a full TOFU evaluation of a run (minutes per model); tests/test_evaluate.py "

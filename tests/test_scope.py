@@ -260,6 +260,7 @@ def test_recipe_scope_step_saves_beside_the_adapter_and_the_output(tiny_model_di
         record = json.loads((folder / "scope.json").read_text())
         assert record["adapter_sha256"] == sha256_file(folder / "adapter_model.safetensors")
         assert record["calibration"]["rows"] == 10 and record["lambda_max"] == 2.0
+        assert record["background_data"]["rows"] == 534 + 6  # the pool's prompts, holdout01's questions and answers
         check_scope(load_scope(folder), load_adapter(folder), loaded[0])
         card = (folder / "README.md").read_text()
         assert "## Scope (scoped forgetting)" in card and "A request the detector misses" in card
@@ -311,15 +312,17 @@ def cli_adapter(tiny_model_dir, tmp_path):
 def test_cli_scope_writes_the_files_and_the_card(tiny_model_dir, cli_adapter, tmp_path):
     data = tmp_path / "forget.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in FORGET))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"question": q, "answer": "y"}) + "\n" for q in OTHER))
     result = _run("scope", cli_adapter, "--forget", data, "--calibrate", "tofu-mini:retain", "--calibrate-rows",
-                  "360:372", "--background", "none", "--fpr", "0.25", "--layer", "1", "--lambda-max", "1.5",
+                  "360:372", "--background", other, "--fpr", "0.25", "--layer", "1", "--lambda-max", "1.5",
                   "--base", tiny_model_dir, "-q", "none")
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     record = json.loads((cli_adapter / "scope.json").read_text())
     assert f"threshold {record['threshold']:.4f}" in said and "of the 12 calibration prompts" in said
     assert record["base"] == str(tiny_model_dir) and record["forget_data"]["rows"] == 2
-    assert record["background_data"]["rows"] == 0 and record["calibration"]["fpr_target"] == 0.25
+    assert record["background_data"]["rows"] == 4 and record["calibration"]["fpr_target"] == 0.25  # questions + answers
     assert "## Scope (scoped forgetting)" in (cli_adapter / "README.md").read_text()
     again = _run("scope", cli_adapter, "--forget", data, "--threshold", "0.5", "--base", tiny_model_dir, "-q", "none")
     assert again.exit_code == 2 and "--overwrite" in again.output

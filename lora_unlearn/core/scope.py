@@ -10,7 +10,8 @@ read by the base model up to decoder layer ``L`` (default 4 of SmolLM2-135M's 30
 pass, about 4/30 of a prompt forward). ``h_t`` is the unit-normalised hidden state after layer L
 at each token ``t`` of the text (template tokens left out). Two banks of such vectors are stored:
 ``F``, the tokens of the forget questions, and ``G``, the tokens of background text that must stay
-out of scope (the vendored preservation pool, plus any the user adds). Per token
+out of scope (the CLI and recipes put the prompts of the vendored preservation pool and its
+factual questions there, ``preservation+facts``, plus any the user adds). Per token
 
     m_t = max_{f in F} <h_t, f>  -  max_{g in G} <h_t, g>          (cosine margin, in [-2, 2])
 

@@ -16,7 +16,8 @@ from ..core.card import is_our_card, save_card
 from ..core.lineage import RESTORE_WARNING, Kind, classify_folder
 from ..errors import UserError
 
-UPLOADED = ("adapter_config.json", "adapter_model.safetensors", "lora_unlearn.json", "README.md", "results.json")
+UPLOADED = ("adapter_config.json", "adapter_model.safetensors", "lora_unlearn.json", "README.md", "results.json",
+            "scope.json", "scope.safetensors")  # a scope travels with its adapter (the card describes it)
 
 
 def _unlearned_result(folder: Path) -> Path | None:

@@ -69,8 +69,8 @@ class ScopeSpec(Strict):
 
     ``data``: the forget data (its questions are the bank); ``calibrate``: held-out prompts that must
     stay out of scope (``calibrate_rows`` slices it, e.g. "360:400"), unless ``threshold`` is given;
-    ``background``: data entries that must stay out of scope (the vendored preservation pool is
-    always in the background).
+    ``background``: data entries that must stay out of scope, questions and answers (the prompts of
+    the vendored preservation pool and its factual questions, ``preservation+facts``, always are).
     """
 
     adapter: str

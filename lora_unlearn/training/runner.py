@@ -63,7 +63,9 @@ def fit_step_scope(step: Step, artifacts: dict[str, Any], rows: dict[str, list[d
     def texts(data: list[dict]) -> list[str]:
         return [t for r in data for t in ([r["question"], r["answer"]] if "question" in r else [r["text"]])]
 
-    background = texts(load_source("preservation")) + [t for name in spec.background for t in texts(rows[name])]
+    # the vendored pool gives its prompts (its answers are the embedded model's own generations)
+    background = [r["question"] for r in load_source("preservation+facts")] + [t for name in spec.background
+                                                                        for t in texts(rows[name])]
     calibration = None
     if spec.calibrate:
         data = rows[spec.calibrate]
