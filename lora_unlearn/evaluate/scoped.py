@@ -20,15 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .tofu import (
-    SPLITS,
-    UTILITY_METRICS,
-    UTILITY_SPLITS,
-    evaluate_split,
-    forget_quality,
-    model_utility,
-    truth_ratio_summary,
-)
+from .tofu import SPLITS, aggregate, evaluate_split, truth_ratio_summary
 
 PER_ROW = ("truth_ratio", "probability", "rouge_l", "extraction_strength", "answer")
 
@@ -100,19 +92,6 @@ def evaluate_tofu_scoped(model, tokenizer, splits: dict[str, list[dict]], stack:
         results[name]["scope"] = {"in_scope": sum(in_scope), "n": len(rows), "groups": len(groups),
                                   "per_row": {"score": scores, "strength": strengths}}
         scoping[name] = {"in_scope": sum(in_scope), "n": len(rows)}
-    out: dict[str, Any] = {"splits": results, "model_utility": None, "model_utility_parts": None,
-                           "forget_quality": None, "scoped": scoping}
-    if all(s in results for s in UTILITY_SPLITS):
-        parts = {f"{s}.{m}": results[s][m] for s in UTILITY_SPLITS for m in UTILITY_METRICS}
-        out["model_utility"] = model_utility(parts.values())
-        out["model_utility_parts"] = parts
-    forget = results.get("forget")
-    if forget is not None:
-        if reference_truth_ratios is not None:
-            out["forget_quality"] = forget_quality(forget["per_row"]["truth_ratio"], reference_truth_ratios)
-        out.update(forget_probability=forget["probability"], forget_rouge_l=forget["rouge_l"],
-                   forget_truth_ratio=forget["truth_ratio"], extraction_strength=forget["extraction_strength"])
-    else:
-        out.update(forget_probability=None, forget_rouge_l=None, forget_truth_ratio=None, extraction_strength=None)
+    out = {**aggregate(results, reference_truth_ratios), "scoped": scoping}
     out["wall_s"] = round(time.perf_counter() - start, 2)
     return out

@@ -387,6 +387,14 @@ def evaluate_tofu(model, tokenizer, splits: dict[str, list[dict]], *, reference_
     start = time.perf_counter()
     with dequantized(model, kw.get("dequantize")):
         results = {name: evaluate_split(model, tokenizer, splits[name], name, **kw) for name in SPLITS if name in splits}
+    out = aggregate(results, reference_truth_ratios)
+    out["wall_s"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def aggregate(results: dict[str, dict], reference_truth_ratios: Sequence[float] | None = None) -> dict:
+    """TOFU's aggregates (model utility, forget quality, the forget split's headline figures) of
+    per-split results from ``evaluate_split``; None where a split they need is missing."""
     out: dict[str, Any] = {"splits": results, "model_utility": None, "model_utility_parts": None,
                            "forget_quality": None}
     if all(s in results for s in UTILITY_SPLITS):
@@ -401,5 +409,4 @@ def evaluate_tofu(model, tokenizer, splits: dict[str, list[dict]], *, reference_
                    forget_truth_ratio=forget["truth_ratio"], extraction_strength=forget["extraction_strength"])
     else:
         out.update(forget_probability=None, forget_rouge_l=None, forget_truth_ratio=None, extraction_strength=None)
-    out["wall_s"] = round(time.perf_counter() - start, 2)
     return out
