@@ -48,11 +48,23 @@ PRESERVE = 4.0
 # The pool the first results were cached with (439 instructions, everyday and quiz questions): their
 # cache names carry no pool tag; results with any other pool carry the first 8 hex digits of its sha256.
 FIRST_POOL = "402addda08ebc445bd213e53c6147e66e65acab405dfab166b27f14d4f92262e"
+EXTRA_POOLS = ("preservation+facts",)  # opt-in pools whose cached rows are reported beside the default's
 SURGERY = {"a": 0.1, "b": 2.0}  # official weights; c = the preservation weight (0 without)
 METHODS = ("ft", "ft+P", "f_learning", "f_learning+P", "surgery", "surgery+P")
 LABELS = {"ft": "fine-tuning", "ft+P": "fine-tuning + preservation", "f_learning": "F-Learning",
           "f_learning+P": "F-Learning + preservation", "surgery": "LLM Surgery update",
           "surgery+P": "LLM Surgery update + preservation", "unedited": "unedited model"}
+
+
+def cache_path(cache: Path, method: str, lr: float, weight: float, seed: int, pool_sha: str) -> Path:
+    """One (method, lr, weight, seed, pool) result; only preservation rows depend on the pool."""
+    tag = "" if pool_sha == FIRST_POOL or not method.endswith("+P") else f"_pool{pool_sha[:8]}"
+    return cache / f"{method}_lr{lr:g}_w{weight:g}_e{BUDGET['epochs']:g}{tag}_s{seed}.json"
+
+
+def label(key: str) -> str:
+    method, _, pool = key.partition(", pool ")
+    return LABELS.get(method, method) + (f", pool `{pool}`" if pool else "")
 
 
 def config(seed: int, lr: float, **extra) -> TrainConfig:
@@ -154,7 +166,7 @@ def table(summary: dict, split: str, n: int, seeds) -> str:
              "| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, s in summary.items():
         seeds = ",".join(map(str, s.get("seeds") or [])) or "-"
-        lines.append(f"| {LABELS.get(name, name)} | {seeds} | " + " | ".join(fmt(s.get(c)) for c in cols) + " |")
+        lines.append(f"| {label(name)} | {seeds} | " + " | ".join(fmt(s.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +182,7 @@ def plot(summary: dict, path: Path) -> None:
     for i, name in enumerate(names):
         means = [summary[name][m]["mean"] if summary[name].get(m) else 0 for m in metrics]
         sds = [summary[name][m]["sd"] if summary[name].get(m) else 0 for m in metrics]
-        ax.bar([j + i * width for j in range(len(metrics))], means, width, yerr=sds, label=LABELS.get(name, name))
+        ax.bar([j + i * width for j in range(len(metrics))], means, width, yerr=sds, label=label(name))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
     ax.set_ylim(0, 1.05)
     ax.axhline(0.9, color="grey", lw=0.5, ls="--")
@@ -223,24 +235,31 @@ def main(argv=None) -> None:
     results = {"unedited": [json.loads(base_path.read_text())]}
 
     grid = [(lr, w) for lr in args.lrs for w in args.weights] if args.sweep else [(LR, PRESERVE)]
-    for method in args.methods:
+    # Every method's cached rows are reported, computed or not, so a run of some methods keeps the others'
+    # rows in the table; rows of the opt-in pools are read from the cache beside the default pool's.
+    pools = [(args.pool, pool_sha)] + [(name, fingerprint(load_source(name))["sha256"])
+                                       for name in EXTRA_POOLS if name != args.pool]
+    for method in METHODS:
         for lr, w in grid:
             if not method.endswith("+P") and w != grid[0][1]:
                 continue  # the weight does not apply
-            key = method if not args.sweep else f"{method} lr={lr:g} w={w:g}"
-            for seed in args.seeds:
-                tag = "" if pool_sha == FIRST_POOL or not method.endswith("+P") else f"_pool{pool_sha[:8]}"
-                path = cache / f"{method}_lr{lr:g}_w{w:g}_e{BUDGET['epochs']:g}{tag}_s{seed}.json"
-                if not path.exists() and args.cached_only:
-                    continue
-                if not path.exists():
-                    print(f"{key} seed {seed} ...", flush=True)
-                    write(path, run_one(method, model, tok, info, edits, pool, locality, unedited, seed, lr, w))
-                r = json.loads(path.read_text())
-                print(f"{key} seed {seed}: " + ", ".join(f"{f} {r[f]:.2f}" for f in FIELDS if r.get(f) is not None)
-                      + f", {r['train_s']:.0f} s", flush=True)
-                results.setdefault(key, []).append(r)
-            report(results, args, edits)
+            for name, sha in pools if method.endswith("+P") else pools[:1]:
+                key = method if not args.sweep else f"{method} lr={lr:g} w={w:g}"
+                key += f", pool {name}" if method.endswith("+P") and sha != FIRST_POOL else ""
+                compute = method in args.methods and name == args.pool and not args.cached_only
+                for seed in args.seeds:
+                    path = cache_path(cache, method, lr, w, seed, sha)
+                    if not path.exists() and not compute:
+                        continue
+                    if not path.exists():
+                        print(f"{key} seed {seed} ...", flush=True)
+                        write(path, run_one(method, model, tok, info, edits, pool, locality, unedited, seed, lr, w))
+                    r = json.loads(path.read_text())
+                    print(f"{key} seed {seed}: " + ", ".join(f"{f} {r[f]:.2f}" for f in FIELDS if r.get(f) is not None)
+                          + f", {r['train_s']:.0f} s", flush=True)
+                    results.setdefault(key, []).append(r)
+                if key in results:
+                    report(results, args, edits)
     if args.single:
         name = f"f_learning+P, {args.single} single edits"
         for seed in args.seeds:

@@ -360,6 +360,124 @@ def test_adapters_loaded_and_unloaded_while_requests_wait(full, forget, other):
         batcher.close()
 
 
+LONG_PROMPT = ("Tell me everything about the history, geography, economy, culture and people of Veloria, "
+               "the island nation, starting with its founding and ending with today, in great detail. ") * 2
+
+
+def _decoding(batcher, rows: int = 1, timeout: float = 60) -> bool:
+    """Wait until ``rows`` rows are decoding (admitted, first token taken)."""
+    deadline = time.monotonic() + timeout
+    while batcher.stats["active_rows"] < rows:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+@pytest.mark.parametrize("text", [b"ab \xff\xff\xff\xff\xe2\x82\xac and \xf0\x9f\x98\x80!", b"\xc3", b"x \xff",
+                                  b"\xe2\x82A\xe2\xf0\x9f\x98\xe2\x82\xac", "caf\u00e9 \u20ac\u20ac".encode()])
+def test_streamed_pieces_add_up_to_the_answer_one_byte_at_a_time(tokenizer, text):
+    """Byte by byte (each token one byte): invalid bytes before a character being generated, a
+    character never finished, a trailing space: what is sent is always a prefix of the answer, the
+    pieces add up to it, and only the character being generated waits (invalid bytes are sent)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from lora_unlearn.serving.decoding import RowText
+
+    byte_token = bytes_to_unicode()
+    ids = [tokenizer.convert_tokens_to_ids(byte_token[b]) for b in text]
+    row = RowText(tokenizer, ())
+    answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    pieces = []
+    for i, token in enumerate(ids):
+        pieces.append(row.add(token))
+        sent, now = "".join(pieces), tokenizer.decode(ids[:i + 1]).strip()
+        assert answer.startswith(sent), (pieces, answer)
+        assert now.startswith(sent) and now[len(sent):].strip() in ("", "\ufffd"), (sent, now)  # only that waits
+    pieces.append(row.final())
+    assert "".join(pieces) == answer
+
+
+def test_requests_join_and_leave_a_running_batch_and_answer_as_alone(full, forget, other):
+    """Continuous batching: a short and a long prompt join a long answer already decoding (the new rows'
+    cache left-padded in both directions), the short one finishes and leaves while the long answer runs,
+    and every answer equals the same request alone."""
+    from lora_unlearn.serving.batcher import Batcher, Job
+
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+    want = {"a": rt.generate([PROMPT], [{"forget": 1.0}], max_new_tokens=40)[0],
+            "short": rt.generate(["Hi"], [{"forget": 8.0, "other": -3.0}], max_new_tokens=4)[0],
+            "long": rt.generate([LONG_PROMPT], [{"other": 2.0}], max_new_tokens=12)[0]}
+    batcher = Batcher(rt, max_batch=4, window_s=0.0)
+    try:
+        a = Job([PROMPT], [{"forget": 1.0}], 40, True)
+        batcher.submit(a)
+        assert _decoding(batcher)
+        with rt.lock:  # the worker waits at its next step: both join within a step or two of each other
+            short = batcher.submit(Job(["Hi"], [{"forget": 8.0, "other": -3.0}], 4, True))
+            long = batcher.submit(Job([LONG_PROMPT], [{"other": 2.0}], 12, True))
+        got_short = short.result(timeout=120)
+        assert not a.future.done(), "the short request waited for the running answer to end"
+        got = a.future.result(timeout=120)
+        assert got["outputs"][0][1] == 40, "the long answer ended early: the test needs 40 tokens"
+        assert [got["outputs"][0][0], got_short["outputs"][0][0], long.result(timeout=120)["outputs"][0][0]] == \
+            [want["a"], want["short"], want["long"]]
+        stats = batcher.stats
+        assert stats["batches"] >= 2 and stats["max_batch_rows"] >= 2 and stats["batched_requests"] >= 2, stats
+    finally:
+        batcher.close()
+
+
+def test_a_cancelled_row_frees_its_slot_at_once(full, forget, other):
+    """max_batch 1: a running answer whose client has gone leaves at the next step, and the waiting
+    request runs (and equals its answer alone) long before the cancelled one could have ended."""
+    from lora_unlearn.serving.batcher import Batcher, Job
+
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+    want = rt.generate([PROMPT], [{"other": 2.0}], max_new_tokens=6)[0]
+    batcher = Batcher(rt, max_batch=1, window_s=0.0)
+    try:
+        a = Job([PROMPT], [{}], 2000, True)
+        batcher.submit(a)
+        assert _decoding(batcher)
+        b = batcher.submit(Job([PROMPT], [{"other": 2.0}], 6, True))
+        a.cancelled.set()
+        assert b.result(timeout=60)["outputs"][0][0] == want
+        assert not a.future.done() and batcher.stats["cancelled_rows"] == 1
+        assert batcher.stats["rows"] == 2 and batcher.stats["max_batch_rows"] == 1
+    finally:
+        batcher.close()
+
+
+def test_an_adapter_unloaded_mid_answer_ends_only_the_rows_that_use_it(full, forget, other):
+    """Unloading takes the lock between two decoding steps (it does not wait for the batch to drain):
+    the row that applies the adapter ends with a 400 that says so; the row that leaves it at 0
+    answers as before."""
+    from lora_unlearn.serving.batcher import Batcher, Job
+    from lora_unlearn.serving.schemas import ApiError
+
+    model, tok, _ = full
+    rt = runtime_with(model, tok, forget, other)
+    batcher = Batcher(rt, max_batch=4, window_s=0.05)
+    try:
+        want = batcher.submit(Job([PROMPT], [{"other": 2.0}], 300, True)).result(timeout=120)["outputs"][0][0]
+        using, fine = Job([PROMPT], [{"forget": 1.0}], 300, True), Job([PROMPT], [{"other": 2.0}], 300, True)
+        batcher.submit(using), batcher.submit(fine)
+        assert _decoding(batcher, 2)
+        with rt.lock:
+            rt.unload("forget")
+        with pytest.raises(ApiError) as e:
+            using.future.result(timeout=120)
+        assert e.value.status == 400 and e.value.code == "unknown_adapter"
+        assert "adapter 'forget' was unloaded while the request was being generated" in e.value.message
+        got = fine.future.result(timeout=120)["outputs"][0]
+        assert got == (want, got[1]) and got[1] > 20
+    finally:
+        batcher.close()
+
+
 @pytest.mark.slow
 def test_embedded_nf4_mixed_batch_matches_peft():
     """SmolLM2-135M in nf4 with an r=8 all-linear adapter: mixed rows equal PEFT row by row."""

@@ -7,8 +7,9 @@
     app          create_app, serve, background (the FastAPI app and its error handlers)
     routes       the endpoints and the Service they share
     schemas      limits, errors, request parsing and response shapes
-    batcher      the worker that runs concurrent requests as one batch
-    decoding     one batch of rows, each with its own sampling, stop strings, budget; text as it is generated
+    batcher      the worker that decodes concurrent requests together (continuous batching)
+    decoding     rows decoded a token at a time, joining and leaving between steps, each with its own
+                 forget setting, sampling, stop strings, budget; text as it is generated
     streaming    answering a request in one body or as Server-Sent Events
     registry     adapters by name: NAME=DIR specs, Hub ids, card kinds
 

@@ -1,8 +1,8 @@
 """HTTP serving with per-request forgetting: an OpenAI-style API over one ForgetRuntime.
 
 The app (:func:`create_app`) is FastAPI: :mod:`.routes` holds the endpoints, :mod:`.schemas` the
-request and response shapes, :mod:`.batcher` the worker that runs concurrent requests as one
-batch, each row with its own forget strengths and sampling (:mod:`.decoding`: greedy when temperature
+request and response shapes, :mod:`.batcher` the worker that decodes concurrent requests
+together (continuous batching), each row with its own forget strengths and sampling (:mod:`.decoding`: greedy when temperature
 is 0 or absent), and :mod:`.streaming` answers in one body or as Server-Sent Events.
 
 Every bad request gets a 4xx JSON error ``{"error": {"message", "type", "param", "code"}}`` that

@@ -1,15 +1,18 @@
-"""Batching requests: a queue and one worker thread that runs waiting requests together, streaming each row.
+"""Batching requests: a queue and one worker thread that decodes the waiting requests together, streaming each row.
 
-The worker takes the first waiting request and collects those that arrive within ``window_s`` (up
-to ``max_batch`` rows, whatever their mode, max_tokens or sampling), tokenizes their prompts (the
-tokenizer is used from this thread only) and runs one batch (:func:`.decoding.generate_rows`) with a
-forget setting per row, under ``runtime.lock`` (adapter loading takes the same lock). Rows are
-independent (left padding, attention mask), so an answer equals the answer to the same request sent
-alone. Before generating, strengths "auto" are set by the adapters' scopes (``runtime.resolve``:
-one partial pass of the base over every prompt of the batch that needs it). Each row's text goes
-to its :class:`Job`'s listener as it is generated; a request whose rows fail alone gets its own
-400, the others still run. A job whose client has gone is cancelled:
-its rows stop at their next token.
+Continuous batching: the worker keeps up to ``max_batch`` rows decoding one token per step
+(:class:`.decoding.Decoder`); between steps, rows that have ended leave and waiting requests join,
+first come first served (a request's rows join together; the first request that does not fit
+waits for slots, so a large one is never overtaken for good). A request that finds the worker idle
+waits ``window_s`` for others to start with it. Each step and each admission run under
+``runtime.lock``; adapter loading takes the same lock between two steps (it waits for a step,
+not for the batch to drain). The tokenizer is used from this thread only. Rows are independent (left padding,
+attention mask, positions from the mask), so an answer equals the answer to the same request sent
+alone. Before a request joins, strengths "auto" are set by the adapters' scopes
+(``runtime.resolve``: one partial pass of the base over every prompt that needs it). Each row's
+text goes to its :class:`Job`'s listener as it is generated; a request whose rows fail alone gets
+its own 400, the others still run. A job whose client has gone is cancelled: its rows leave the
+batch at the next step and free their slots.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
-from .decoding import Row, Sampling, generate_rows
+from .decoding import Decoder, Row, Sampling
 from .schemas import ApiError
 
 
@@ -73,8 +76,8 @@ class Job:
         if self.future.done():
             return
         kind, choice = event[0], event[1]
-        if kind == "error":
-            self.fail(ApiError(400, event[2], "forget", "non_finite_logits"))
+        if kind == "error":  # ("error", choice, message, code)
+            self.fail(ApiError(400, event[2], "forget", event[3] if len(event) > 3 else "non_finite_logits"))
             return
         if self.listener:
             self.listener(event)
@@ -96,16 +99,20 @@ class Job:
 
 
 class Batcher:
-    """A queue and one worker thread that runs waiting requests together."""
+    """A queue and one worker thread that decodes waiting requests together (continuous batching)."""
 
     def __init__(self, runtime, max_batch: int = 8, window_s: float = 0.005):
         self.runtime = runtime
         self.max_batch = max_batch
         self.window_s = window_s
         self.queue: queue.Queue[Job | None] = queue.Queue()
+        # batches: admissions (one prefill each); rows: rows admitted; max_batch_rows: most rows decoding
+        # together; batched_requests: requests that decoded beside another request
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "batched_requests": 0,
                       "errors": 0, "active_rows": 0, "cancelled_rows": 0}
         self._stats_lock = threading.Lock()
+        self._decoder = Decoder(runtime)
+        self._running: list[Job] = []
         self._thread = threading.Thread(target=self._loop, name="lora-unlearn-batcher", daemon=True)
         self._thread.start()
 
@@ -119,59 +126,78 @@ class Batcher:
         self.queue.put(None)
         self._thread.join(timeout)
 
+    def _collect(self, pending: deque, deadline: float | None) -> bool:
+        """Move queued jobs to ``pending``: until ``deadline`` or a full batch, or (None) what is there now.
+
+        True when the queue said stop."""
+        while True:
+            if deadline is not None and sum(j.rows for j in pending) >= self.max_batch:
+                return False
+            remaining = (deadline - time.monotonic()) if deadline is not None else 0
+            try:
+                job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            pending.append(job)
+
     def _loop(self) -> None:
         pending: deque[Job] = deque()
+        stopping = False
         while True:
-            if not pending:
+            if not pending and not self._decoder.rows:
+                if stopping:
+                    return
                 job = self.queue.get()
                 if job is None:
                     return
                 pending.append(job)
-            deadline = time.monotonic() + self.window_s
-            stop = False
-            while sum(j.rows for j in pending) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                try:
-                    job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                pending.append(job)
-            rows, batch = 0, []
-            for job in list(pending):
-                if rows + job.rows <= self.max_batch:
-                    batch.append(job)
-                    rows += job.rows
-            for job in batch:
-                pending.remove(job)
-            self._run([j for j in batch if not j.cancelled.is_set()])
-            if stop:
-                for job in pending:
+                stopping = self._collect(pending, time.monotonic() + self.window_s)
+            else:
+                stopping = self._collect(pending, None) or stopping
+            if stopping:
+                for job in [*pending, *self._running]:
                     job.fail(ApiError(503, "the server is shutting down"))
-                return
+                pending.clear()
+            joining, free = [], self.max_batch - len(self._decoder.rows)
+            while pending and self._decoder.joinable:
+                if pending[0].cancelled.is_set():
+                    pending.popleft()
+                elif pending[0].rows <= free:
+                    free -= pending[0].rows
+                    joining.append(pending.popleft())
+                else:
+                    break  # first come, first served: the head waits for slots, nobody overtakes it
+            self._run(joining)
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, joining: list[Job]) -> None:
+        """Admit ``joining`` and run one decoding step, under the lock; the worker survives anything."""
         try:
             with self.runtime.lock:
-                loaded = set(self.runtime.adapters())
-                ready = []
-                for job in batch:
-                    missing = sorted({name for f in job.forgets for name in f} - loaded)
-                    if missing:
-                        job.fail(ApiError(400, f"adapter {missing[0]!r} was unloaded while the request waited. "
-                                          f"Loaded: {', '.join(sorted(loaded)) or '(none)'}", "forget",
-                                          "unknown_adapter"))
-                    else:
-                        ready.append(job)
-                self._generate(ready)
-        except Exception as e:  # noqa: BLE001 - the worker must survive anything; the request gets a 500
-            for job in batch:
+                if joining:
+                    self._admit(joining)
+                self._decoder.step()
+        except Exception as e:  # noqa: BLE001 - the worker must survive anything; the requests get a 500
+            for job in [*self._running, *joining]:
                 job.fail(ApiError(500, f"generation failed: {type(e).__name__}: {e}"))
-        finally:
-            with self._stats_lock:
-                self.stats["active_rows"] = 0
+            self._decoder = Decoder(self.runtime)
+        self._running = [j for j in self._running if not j.future.done()]
+        with self._stats_lock:
+            self.stats["active_rows"] = len(self._decoder.rows)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        loaded = set(self.runtime.adapters())
+        ready = []
+        for job in jobs:
+            missing = sorted({name for f in job.forgets for name in f} - loaded)
+            if missing:
+                job.fail(ApiError(400, f"adapter {missing[0]!r} was unloaded while the request waited. "
+                                  f"Loaded: {', '.join(sorted(loaded)) or '(none)'}", "forget",
+                                  "unknown_adapter"))
+            else:
+                ready.append(job)
+        self._generate(ready)
 
     def _rows(self, job: Job) -> list[Row]:
         from ..core.data import prompt_text
@@ -200,7 +226,7 @@ class Batcher:
         return sink
 
     def _resolve(self, jobs: list[Job]) -> list[Job]:
-        """Set every "auto" strength from the scopes, in one pass for the batch; a job that fails alone gets a 400."""
+        """Set every "auto" strength from the scopes, in one pass for the jobs; a job that fails alone gets a 400."""
         try:
             rows, info = self.runtime.resolve([f for j in jobs for f in j.forgets],
                                               [t for j in jobs for t in (j.texts or j.prompts)])
@@ -217,7 +243,7 @@ class Batcher:
         return jobs
 
     def _generate(self, jobs: list[Job]) -> None:
-        """Run ``jobs`` as one batch (caller holds the runtime lock); isolate a failing request."""
+        """Add ``jobs`` to the decoding batch (caller holds the runtime lock); isolate a failing request."""
         jobs = self._resolve(jobs)
         if not jobs:
             return
@@ -226,17 +252,19 @@ class Batcher:
             with self.runtime.coefficients([r.forget for r in rows]):
                 pass  # refuses a bad forget setting before any row has sent anything
         except UserError as e:
-            if len(jobs) > 1:  # one request's bad row must not fail the others: run each alone
+            if len(jobs) > 1:  # one request's bad row must not fail the others: admit each alone
                 for job in jobs:
                     self._generate([job])
                 return
             jobs[0].fail(ApiError(400, str(e), "forget"))
             return
+        beside = bool(self._decoder.rows) or len(jobs) > 1
         with self._stats_lock:
             self.stats["batches"] += 1
             self.stats["rows"] += len(rows)
-            self.stats["active_rows"] = len(rows)
-            self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
-            if len(jobs) > 1:
+            self.stats["active_rows"] += len(rows)
+            self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self._decoder.rows) + len(rows))
+            if beside:
                 self.stats["batched_requests"] += len(jobs)
-        generate_rows(self.runtime, rows)
+        self._running += jobs
+        self._decoder.admit(rows)

@@ -177,7 +177,7 @@ class ForgetRuntime:
                             "from load_base() and load adapters with runtime.load()")
         self.model = model
         self.tokenizer = tokenizer
-        self.lock = lock or threading.Lock()
+        self.lock = lock or threading.Lock()  # the server's batcher takes it once per decoding step
         self.max_strength = max_strength  # None: any coefficient within float32
         self.info = None  # BaseInfo when built by from_base
         self._state = _Coefficients()
@@ -366,7 +366,8 @@ class ForgetRuntime:
         """
         return resolve_rows(self, rows, texts)
 
-    def _defaults(self) -> dict[str, float | str]:
+    def defaults(self) -> dict[str, float | str]:
+        """name -> default strength (a number, or "auto"), for the loaded adapters in load order."""
         return {name: loaded.default for name, loaded in self._adapters.items()}
 
     # ---- running --------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def resolve_rows(runtime, rows, texts) -> tuple[list[dict[str, float]], list[dic
         raise UserError("texts must be a list of strings, one per row")
     if len(texts) != len(rows):
         raise UserError(f"{len(rows)} rows but {len(texts)} texts: give the text of every row")
-    defaults, scopes = runtime._defaults(), runtime.scoped()
+    defaults, scopes = runtime.defaults(), runtime.scoped()
     need = [_auto_names(row, defaults, i) for i, row in enumerate(rows)]
     for i, names in enumerate(need):
         for n in names:
