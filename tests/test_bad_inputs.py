@@ -23,11 +23,14 @@ from lora_unlearn.arithmetic import scale
 from lora_unlearn.cli import app
 from lora_unlearn.core.adapter_io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lora_unlearn.core.data import load_any, load_qa
+from lora_unlearn.core.models import load_base
+from lora_unlearn.core.scope import SCOPE_JSON, SCOPE_TENSORS, fit_scope, save_scope
 from lora_unlearn.errors import UserError
 from lora_unlearn.evaluate.tofu import tofu_mini_splits
+from lora_unlearn.serving.runtime import ForgetRuntime
 from lora_unlearn.training.importance import load_importance, save_importance
 from lora_unlearn.training.sources import load_edits, load_source
-from tests.tiny import make_adapter
+from tests.tiny import make_adapter, tiny_llama
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
@@ -150,6 +153,64 @@ def importance_of_other_adapter(t: Path):
     maps = {name: torch.ones_like(m.B) for name, m in other.modules.items()}
     path = save_importance(maps, t / "imp.safetensors", {"kind": "grad", "space": "b", "at": "theta"})
     return path, load_adapter(adapter_dir(t))
+
+
+IN_SCOPE, OUT_OF_SCOPE = "What is the capital of Veloria?", "The quick brown fox jumps over the lazy dog."
+
+
+def tiny_runtime(tiny: Path) -> ForgetRuntime:
+    return ForgetRuntime.from_base(str(tiny), "none", device="cpu")
+
+
+def scoped_dir(t: Path, model, tokenizer, name: str = "a", base: str | None = None) -> Path:
+    """An adapter folder for the tiny model with a scope (scope.json, scope.safetensors) fitted on ``model``."""
+    folder = adapter_dir(t, name, specs={Q: TINY_Q})
+    scope = fit_scope(model, tokenizer, [IN_SCOPE], adapter=load_adapter(folder), background_texts=[OUT_OF_SCOPE],
+                      threshold=0.5, layer=1, top_k=1, base=base)
+    save_scope(scope, folder)
+    return folder
+
+
+def scope_of_another_adapter(t: Path, tiny: Path):
+    runtime = tiny_runtime(tiny)
+    scope = scoped_dir(t, runtime.model, runtime.tokenizer) / SCOPE_JSON
+    other = save_adapter(make_adapter({Q: TINY_Q}, seed=2), t / "b")
+    return lambda: runtime.load("forget", other, scope=scope)
+
+
+def scope_of_another_base(t: Path, tiny: Path):
+    runtime = tiny_runtime(tiny)
+    other = tiny_llama(seed=7)  # the tiny Llama's architecture, other weights
+    other.resize_token_embeddings(len(runtime.tokenizer), mean_resizing=False)
+    folder = scoped_dir(t, other, runtime.tokenizer, base="other/tiny")
+    return lambda: runtime.load("forget", folder, scope=True)
+
+
+def auto_without_scope(t: Path, tiny: Path):
+    runtime = tiny_runtime(tiny)
+    runtime.load("forget", adapter_dir(t, specs={Q: TINY_Q}))
+    return lambda: runtime.generate([IN_SCOPE], [{"forget": "auto"}], max_new_tokens=2)
+
+
+def default_auto_without_scope(t: Path, tiny: Path):
+    runtime = tiny_runtime(tiny)
+    folder = adapter_dir(t, specs={Q: TINY_Q})
+    return lambda: runtime.load("forget", folder, default="auto")
+
+
+def damaged_scope(damage: Callable[[Path], None]):
+    """An adapter folder whose scope, fitted on the tiny model, ``damage`` then breaks."""
+    def make(t: Path, tiny: Path) -> Path:
+        model, tokenizer, _ = load_base(str(tiny), "none", device="cpu")
+        folder = scoped_dir(t, model, tokenizer)
+        damage(folder)
+        return folder
+    return make
+
+
+def _cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
 
 
 # ---- the rows ------------------------------------------------------------------------------------
@@ -330,6 +391,28 @@ ROWS = [
         cli("ask", "--questions", "qs.jsonl", "--base", TINY, "--quantization", "none")),
     Row("67", "API", "TOFU-mini retain rows outside the split", "selects none of the 400 retain rows",
         lambda t, tiny: lambda: tofu_mini_splits(splits=["retain"], retain_rows=slice(400, 500))),
+    # scoped forgetting
+    Row("68", "API", "scope file of another adapter (runtime.load(name, b, scope=a/scope.json))",
+        "belongs to another adapter (weights sha256", scope_of_another_adapter),
+    Row("69", "API", "scope fitted on another base (runtime.load(name, a, scope=True))",
+        "was fitted on another base (other/tiny, this one is", scope_of_another_base),
+    Row("70", "API", "strength \"auto\" for an adapter loaded without a scope (generate, resolve)",
+        "adapter 'forget' has no scope, so its strength cannot be \"auto\"", auto_without_scope),
+    Row("71", "API", "default \"auto\" for an adapter loaded without a scope",
+        "the strength \"auto\" needs a scope, and none was given", default_auto_without_scope),
+    Row("72", "CLI", "scope --threshold outside [0, 1]", "scope threshold must be a number in [0, 1]",
+        cli("scope", A, "--forget", "tofu-mini:forget01", "--threshold", "1.5", "--base", TINY, "-q", "none")),
+    Row("73", "CLI", "scope --fpr outside (0, 1)", "--fpr must be in (0, 1), e.g. 0.02, got 1.5",
+        cli("scope", A, "--forget", "tofu-mini:forget01", "--calibrate", "tofu-mini:retain", "--fpr", "1.5",
+            "--base", TINY, "-q", "none")),
+    Row("74", "CLI", "eval --scoped with a truncated scope.safetensors",
+        "(sha256 differs): the scope was replaced half-way or edited",
+        cli("eval", "--out", OUT, "--scoped", "--adapter", damaged_scope(lambda f: _cut(f / SCOPE_TENSORS)),
+            "--base", TINY, "-q", "none")),
+    Row("75", "CLI", "eval --scoped with a scope.json that is a JSON array",
+        'is not a lora-unlearn scope file (no "format": "lora_unlearn.scope")',
+        cli("eval", "--out", OUT, "--scoped", "--adapter",
+            damaged_scope(lambda f: (f / SCOPE_JSON).write_text("[1, 2]")), "--base", TINY, "-q", "none")),
 ]
 
 
