@@ -20,6 +20,7 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "lora_unlearn"
 RANK = {"core": 0, "arithmetic": 1, "training": 2, "serving": 2, "evaluate": 3, "hub": 3}
 TOP = {"cli", "demo"}  # and the package's own __init__ (the public API): may import anything
+TOP_PACKAGES = {"cli"}  # the top modules that are packages (cli/: the commands, split by concern)
 LEAVES = {"errors", "progress", "quiet"}
 LEAF_NAMES = {"__version__"}  # what may be imported from the package root itself
 
@@ -189,10 +190,11 @@ def test_package_has_no_import_loops():
 
 
 def test_every_module_is_in_a_wing_or_named_at_the_top():
-    """A new module lands in a wing; only the named top-level files sit beside them."""
+    """A new module lands in a wing; only the named top-level modules (files, or cli/) sit beside them."""
     top = {p.stem for p in PACKAGE_ROOT.glob("*.py")}
-    assert top == TOP | LEAVES | {"__init__"}
-    assert {p.name for p in PACKAGE_ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(RANK)
+    assert top == (TOP - TOP_PACKAGES) | LEAVES | {"__init__"}
+    packages = {p.name for p in PACKAGE_ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == set(RANK) | TOP_PACKAGES
 
 
 def _long_functions(root: Path, limit: int) -> list[str]:
@@ -213,6 +215,13 @@ def test_serving_modules_and_functions_stay_small():
                   if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450]
     assert long_files == []
     assert _long_functions(serving, 80) == []
+
+
+def test_cli_modules_stay_small():
+    """cli.py grew to 768 lines; split by concern (cli/), no command module is over 300 lines."""
+    long_files = [f"{p.name}: {n}" for p in sorted((PACKAGE_ROOT / "cli").glob("*.py"))
+                  if (n := len(p.read_text(encoding="utf-8").splitlines())) > 300]
+    assert long_files == []
 
 
 def test_public_api_names_resolve():
