@@ -151,3 +151,68 @@ def test_run_select_on_the_command_line(tv_run, tiny_model_dir, tmp_path):
     replaced = CliRunner().invoke(app, again + ["--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert json.loads((out / "selection.json").read_text())["points"][0]["value"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tv_snapshots(tv_run, tiny_model_dir, tmp_path_factory):
+    """tv.yaml with its forget adapter kept after 1 and 2 of its 3 steps."""
+    import yaml
+
+    loaded, _, knowledge = tv_run
+    base = tmp_path_factory.mktemp("snapshots")
+    recipe = yaml.safe_load((RECIPES / "tv.yaml").read_text())
+    recipe["steps"][0]["train"]["snapshots"] = [2, 1, 9]  # 9: past the end, kept by none
+    (base / "tv.yaml").write_text(yaml.safe_dump(recipe))
+    sets = [f"base.model={tiny_model_dir}", "train_defaults.max_steps=3", "train_defaults.batch_size=2",
+            "data.forget.limit=4", f"adapters.knowledge={knowledge}"]
+    report = run_recipe(load_recipe(base / "tv.yaml", sets), base / "tv", loaded=loaded)
+    assert report["steps"][0]["snapshots"] == [1, 2]
+    return loaded, base / "tv", knowledge
+
+
+def test_a_length_sweep_reads_the_snapshots_and_redoes_the_arithmetic(tv_snapshots):
+    """STEP.steps picks a snapshot of the trained adapter; every op after it is recomputed (here with lam
+    held fixed beside it), and the full length is the run's own output."""
+    _, run_dir, knowledge = tv_snapshots
+    run = RunArtifacts(run_dir)
+    k = dw(load_adapter(knowledge))
+    for steps in (1, 2):
+        forget = dw(load_adapter(run_dir / "snapshots" / "forget_adapter" / f"step-{steps}"))
+        got = dw(run.adapter_with({"forget_adapter.steps": steps, "unlearned.lam": 0.5}))
+        for name in got:
+            assert_close(got[name], k.get(name, 0) - 0.5 * forget.get(name, torch.zeros_like(got[name])), atol=1e-5)
+    one, two = (dw(run.adapter_at("forget_adapter", "steps", n)) for n in (1, 2))
+    assert max((one[n] - two[n]).abs().max().item() for n in one) > 1e-5  # the lengths differ
+    final = dw(load_adapter(run_dir / "adapter"))
+    assert set(final) == set(two)
+    with pytest.raises(UserError, match=r"no snapshot after 9 steps \(kept: 1, 2\)"):
+        run.adapter_at("forget_adapter", "steps", 9)
+    with pytest.raises(UserError, match=r"not an arithmetic op .* or forget_adapter.steps"):
+        run.adapter_at("forget_adapter", "lam", 1.0)
+
+
+def test_a_length_sweep_pools_with_a_lam_sweep_and_refuses_a_missing_snapshot_first(tv_snapshots):
+    from lora_unlearn.training.select import sweep
+
+    loaded, run_dir, _ = tv_snapshots
+    model, tok, _ = loaded
+    run = RunArtifacts(run_dir)
+    forget, holdout = load_source("tofu-mini:forget01")[:4], load_source("tofu-mini:retain")[-4:]
+    points = []
+    for steps in (1, 2):
+        result = sweep(model, tok, run, "unlearned.lam", [0.5, 1.0], forget_rows=forget, holdout_rows=holdout,
+                       batch_size=4, fixed={"forget_adapter.steps": steps})
+        points += result["points"]
+    assert [p["fixed"] for p in points] == [{"forget_adapter.steps": s} for s in (1, 1, 2, 2)]
+    assert len({round(p["forget_probability"], 6) for p in points}) == 4  # four different models
+    progress = []
+    with pytest.raises(UserError, match="no snapshot after 3 steps"):
+        sweep(model, tok, run, "forget_adapter.steps", [1, 3], forget_rows=forget, holdout_rows=holdout,
+              batch_size=4, progress=progress.append)
+    assert progress == []  # refused before the first point was evaluated
+
+
+def test_a_length_sweep_needs_snapshots(tv_run):
+    _, run_dir, _ = tv_run
+    with pytest.raises(UserError, match="kept no snapshots: add e.g. snapshots: \\[10, 20, 40\\]"):
+        RunArtifacts(run_dir).adapter_at("forget_adapter", "steps", 1)

@@ -103,3 +103,27 @@ def test_bad_configs_and_inputs(loaded, tmp_path, qa_file):
         load_base("whatever", "fp3")
     with pytest.raises(UserError, match="not a model folder"):
         load_base(str(tmp_path), "none")
+
+
+def test_a_snapshot_is_the_adapter_a_shorter_run_ends_with(loaded, qa_file):
+    """Constant learning rate: the snapshot after 2 steps of a 5-step run equals the whole of a 2-step run
+    (same seed, same data order), later snapshots differ, and steps past the end give none."""
+    from dataclasses import replace
+
+    from lora_unlearn.arithmetic import to_dense
+    from lora_unlearn.training.trainer import train_adapter
+
+    model, tok, info = loaded
+    rows = load_qa(qa_file)
+    config = replace(FAST, lr_scheduler="constant", batch_size=1, epochs=1, max_steps=5, learning_rate=1e-2)
+    kept = {}
+    long = train_adapter(model, tok, rows, config, base_info=info, progress=False,
+                         snapshots=([2, 4, 50], lambda n, a: kept.setdefault(n, a)))
+    short = train_adapter(model, tok, rows, replace(config, max_steps=2), base_info=info, progress=False)
+    assert sorted(kept) == [2, 4] and long.lineage["snapshots"] == [2, 4] and long.lineage["steps"] == 5
+    assert kept[2].lineage["steps"] == 2 and kept[2].lineage["snapshot_of_steps"] == 5
+    got, want, later = to_dense(kept[2]), to_dense(short), to_dense(kept[4])
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+    assert max((later[n] - got[n]).abs().max().item() for n in got) > 1e-4

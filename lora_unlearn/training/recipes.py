@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
 
@@ -50,6 +50,16 @@ class TrainSpec(Strict):
     over: list[str] = []  # frozen adapters underneath ("on" would be YAML 1.1's boolean true)
     params: dict[str, Any] = {}
     config: dict[str, Any] = {}
+    # Optimizer steps at which the adapter is also kept (OUT/snapshots/STEP/step-N): a length sweep
+    # (select STEP.steps) reads one long run at several lengths instead of retraining per length.
+    snapshots: list[int] = []
+
+    @field_validator("snapshots")
+    @classmethod
+    def _positive_steps(cls, v: list[int]) -> list[int]:
+        if any(isinstance(n, bool) or n < 1 for n in v):
+            raise ValueError(f"snapshots must be optimizer steps >= 1, got {v}")
+        return sorted(set(v))
 
 
 class ImportanceSpec(Strict):

@@ -159,6 +159,9 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                resume: bool = False, checkpoint_every: int = 50) -> dict[str, Any]:
     """Run every step; write each adapter under ``out/steps/NAME``, the result under ``out/adapter``.
 
+    A train step with ``snapshots`` also keeps its adapter after those optimizer steps, under
+    ``out/snapshots/NAME/step-N`` (what ``select NAME.steps`` sweeps).
+
     The run works in ``OUT.partial/`` and renames it to ``out`` when every step is done. Training
     steps save Trainer checkpoints every ``checkpoint_every`` optimizer steps (0: none) under
     ``OUT.partial/checkpoints/STEP``. With ``resume``, an interrupted run of the same recipe
@@ -251,8 +254,16 @@ def run_recipe(recipe: Recipe, out: str | Path, overwrite: bool = False, loaded=
                 streams = {s: rows[d] for s, d in spec.data.items()}
                 if step.name in pools:
                     streams["preserve" if "preserve" in spec.data else "retain"] = pools[step.name]
+                snapshots = None
+                if spec.snapshots:
+                    def keep(n: int, adapter, where=work / "snapshots" / step.name) -> None:
+                        if main:
+                            save_adapter(adapter, where / f"step-{n}", overwrite=True)
+                    snapshots = (spec.snapshots, keep)
                 result = train_adapter(m, tok, streams, config, stack, info,
-                                       progress=main, checkpoints=checkpoints)
+                                       progress=main, checkpoints=checkpoints, snapshots=snapshots)
+                if spec.snapshots:  # every one up to the last step (those before a resume were kept then)
+                    record["snapshots"] = [n for n in spec.snapshots if n <= result.lineage["steps"]]
             elif step.importance:
                 from .importance import estimate_importance, importance_meta, save_importance
 

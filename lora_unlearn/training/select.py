@@ -58,13 +58,20 @@ def check_target(recipe, target: str, where: str = "--select") -> tuple[str, str
                         f"{did_you_mean(step_name, names)} (steps: {', '.join(names)})")
     start = names.index(step_name)
     step = recipe.steps[start]
-    if step.op is None:
-        raise UserError(f"{where} {target!r}: step {step_name!r} is not an arithmetic op (it trains or estimates); sweep an op's "
-                        "parameter (negate's lam, extrapolate's alpha, scale's c)")
-    allowed = sorted(OP_PARAMS[step.op.name])
-    if param not in allowed:
-        raise UserError(f"{where} {target!r}: step {step_name!r} ({step.op.name}) has no parameter {param!r}"
-                        f"{did_you_mean(param, allowed)} (its parameters: {', '.join(allowed) or 'none'})")
+    if step.train is not None and param == "steps":
+        if not step.train.snapshots:
+            raise UserError(f"{where} {target!r}: step {step_name!r} kept no snapshots: add e.g. "
+                            f"snapshots: [10, 20, 40] (optimizer steps) to its train spec and run it again")
+        start += 1  # the swept training is read back from its snapshots; what follows must be arithmetic
+    elif step.op is None:
+        hint = (f", or {step_name}.steps (a length kept by snapshots)" if step.train is not None else "")
+        raise UserError(f"{where} {target!r}: step {step_name!r} is not an arithmetic op (it trains or estimates); "
+                        f"sweep an op's parameter (negate's lam, extrapolate's alpha, scale's c){hint}")
+    else:
+        allowed = sorted(OP_PARAMS[step.op.name])
+        if param not in allowed:
+            raise UserError(f"{where} {target!r}: step {step_name!r} ({step.op.name}) has no parameter {param!r}"
+                            f"{did_you_mean(param, allowed)} (its parameters: {', '.join(allowed) or 'none'})")
     later = [s.name for s in recipe.steps[start:] if s.op is None]
     if later:
         raise UserError(f"{where} {target!r}: steps after {step_name!r} train or estimate ({', '.join(later)}); "
@@ -105,16 +112,34 @@ class RunArtifacts:
 
     def adapter_at(self, step_name: str, param: str, value: float):
         """The run's output adapter with ``step_name``'s ``param`` set to ``value``."""
+        return self.adapter_with({f"{step_name}.{param}": value})
+
+    def snapshot(self, step_name: str, steps: float):
+        """Train step ``step_name``'s adapter after ``steps`` optimizer steps (kept by its ``snapshots``)."""
+        from ..core.adapter_io import load_adapter
+
+        folder = self.dir / "snapshots" / step_name / f"step-{int(steps)}"
+        if steps != int(steps) or not folder.is_dir():
+            kept = sorted(int(p.name[5:]) for p in (self.dir / "snapshots" / step_name).glob("step-*"))
+            raise UserError(f"{self.dir}: step {step_name!r} has no snapshot after {steps:g} steps "
+                            f"(kept: {', '.join(map(str, kept)) or 'none'})")
+        return load_adapter(folder)
+
+    def adapter_with(self, settings: dict[str, float]):
+        """The run's output with every ``STEP.PARAM`` of ``settings`` set: op parameters re-applied, a train
+        step's ``steps`` read from its snapshots, and every op from the first of them onwards recomputed."""
         from .runner import apply_op
 
-        check_target(self.recipe, f"{step_name}.{param}", where=str(self.dir))
+        parsed = {check_target(self.recipe, t, where=str(self.dir)): v for t, v in settings.items()}
         names = [s.name for s in self.recipe.steps]
-        start = names.index(step_name)
+        start = min(names.index(step) for step, _ in parsed)
         artifacts = dict(self.artifacts)
         for s in self.recipe.steps[start:]:
-            op = s.op
-            if s.name == step_name:
-                op = op.model_copy(update={"params": {**op.params, param: value}})
+            if s.op is None:  # a swept train step (check_target allows nothing else here)
+                artifacts[s.name] = self.snapshot(s.name, parsed[(s.name, "steps")])
+                continue
+            params = {param: v for (step, param), v in parsed.items() if step == s.name}
+            op = s.op.model_copy(update={"params": {**s.op.params, **params}}) if params else s.op
             artifacts[s.name] = apply_op(op, artifacts, {})
         return artifacts[self.recipe.output]
 
@@ -141,8 +166,13 @@ def choose(points: list[dict[str, float]], budget: float) -> tuple[dict[str, flo
 
 
 def sweep(model, tokenizer, run: RunArtifacts, target: str, values: list[float], *, forget_rows: list[dict],
-          holdout_rows: list[dict], budget: float = 0.05, batch_size: int = 16, progress=None) -> dict[str, Any]:
-    """Evaluate the rule at every value; return the sweep, the choice, and the reference figures."""
+          holdout_rows: list[dict], budget: float = 0.05, batch_size: int = 16, progress=None,
+          fixed: dict[str, float] | None = None) -> dict[str, Any]:
+    """Evaluate the rule at every value; return the sweep, the choice, and the reference figures.
+
+    ``fixed``: other ``STEP.PARAM`` settings held at a value for the whole sweep (e.g. the length
+    of the forget adapter, ``forget_adapter.steps``, while ``unlearned.lam`` is swept); each point
+    records them, so the points of several sweeps can be pooled and given to :func:`choose`."""
     from ..core.inference import dequantized
     from ..core.stack import attached
 
@@ -150,19 +180,23 @@ def sweep(model, tokenizer, run: RunArtifacts, target: str, values: list[float],
         raise UserError("selection needs forget rows and held-out retain rows (both non-empty)")
     if not 0 <= budget < 1:
         raise UserError(f"utility budget {budget} must be in [0, 1), e.g. 0.05 for 5%")
-    step, param = parse_target(target)
+    for value in values:  # every snapshot a length sweep asks for exists, before any work
+        for t, v in {**(fixed or {}), target: value}.items():
+            step, param = check_target(run.recipe, t, where=str(run.dir))
+            if param == "steps" and run.recipe.steps[[s.name for s in run.recipe.steps].index(step)].train:
+                run.snapshot(step, v)
     with dequantized(model):  # same numbers as the 4-bit forward, dequantized once instead of per batch
         with attached(model, run.reference_stack()) as m:
             ref_forget = _mean_probability(m, tokenizer, forget_rows, batch_size)
             ref_utility = _mean_probability(m, tokenizer, holdout_rows, batch_size)
         points = []
         for value in values:
-            adapter = run.adapter_at(step, param, value)
+            adapter = run.adapter_with({**(fixed or {}), target: value})
             with attached(model, [(adapter, 1.0)]) as m:
                 forget = _mean_probability(m, tokenizer, forget_rows, batch_size)
                 utility = _mean_probability(m, tokenizer, holdout_rows, batch_size)
             points.append({"value": value, "forget_probability": forget, "utility": utility,
-                           "utility_drop": 1 - utility / ref_utility})
+                           "utility_drop": 1 - utility / ref_utility, **({"fixed": dict(fixed)} if fixed else {})})
             if progress is not None:
                 progress(points[-1])
     chosen, within = choose(points, budget)

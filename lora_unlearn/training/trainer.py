@@ -184,6 +184,19 @@ class StreamEpoch(TrainerCallback):
         self.dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)
 
 
+class Snapshots(TrainerCallback):
+    """Hands the adapter as it is after chosen optimizer steps to ``keep(step, adapter)`` (a length sweep)."""
+
+    def __init__(self, steps, build, keep):
+        self.steps, self.build, self.keep = set(steps), build, keep
+        self.kept: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps and state.global_step not in self.kept:
+            self.keep(state.global_step, self.build())
+            self.kept.append(state.global_step)
+
+
 LEARNED_CHECK_ROWS = 32  # rows per forward pass of the learned check
 LEARNED_CHECK_MAX = 256  # rows checked at most (an evenly spaced sample past that)
 PRESERVE_ANSWER_TOKENS = 32  # answer tokens of a preservation row that the KL is taken on
@@ -253,7 +266,7 @@ def _jsonable(value: Any) -> Any:
 
 def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[dict[str, str]]],
                   config: TrainConfig, stack: list[tuple[Adapter, float]] = (), base_info=None,
-                  progress: bool = True, checkpoints: Checkpoints | None = None) -> Adapter:
+                  progress: bool = True, checkpoints: Checkpoints | None = None, snapshots=None) -> Adapter:
     """Train one LoRA adapter with ``config.objective`` over ``model`` + frozen ``stack``.
 
     ``data`` is a list of rows (the objective's only stream) or ``{stream: rows}`` for objectives
@@ -262,6 +275,9 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
     every ``checkpoints.every`` optimizer steps into ``checkpoints.dir`` and, with
     ``checkpoints.resume``, continues from the newest complete one if it was made by this same
     run (same settings, data, stack, base and number of processes); otherwise it refuses.
+    ``snapshots``: ``(steps, keep)``: after each of those optimizer steps, ``keep(step, adapter)``
+    gets the adapter as it is then (its lineage says ``snapshot_of_steps``); steps past the end
+    of training (or an early stop) give none. The lineage of the result lists the steps kept.
     """
     config.validate()
     objective = objectives.get(config.objective)
@@ -332,37 +348,51 @@ def train_adapter(model, tokenizer, data: list[dict[str, str]] | dict[str, list[
             trainer.add_callback(RichTrainProgress(f"training adapter ({config.objective})"))
         if resume_from is not None and progress and is_main_process():
             progress_console.print(f"resuming from {resume_from}")
+
+        def build(final_loss: float | None = None) -> Adapter:
+            """The adapter as trained so far (the same on every process)."""
+            state = {k: v.detach().cpu().clone() for k, v in _trained_state(trainer, peft_model).items()}
+            peft_cfg = _jsonable(peft_model.peft_config[TRAINABLE].to_dict())
+            if base_info is not None:
+                peft_cfg["base_model_name_or_path"] = base_info.hub_id
+            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            lineage = {
+                "op": "learn",
+                "params": _jsonable(asdict(config)),
+                "base_model": getattr(base_info, "hub_id", None),
+                "quantization": getattr(base_info, "quantization", None),
+                "objective_params": _jsonable(params),
+                "data": {name: fingerprint(rows) for name, rows in given.items()},  # the user's data, before prepare
+                # the mean over every step's logged loss, so a resumed run reports the whole run's mean
+                "final_train_loss": round(final_loss if final_loss is not None else
+                                          sum(losses) / len(losses) if losses else float("nan"), 6),
+                "steps": int(trainer.state.global_step),
+                "inputs": [_scaled_lineage(a, c) for a, c in stack],
+            }
+            if final_loss is None:
+                lineage["snapshot_of_steps"] = max_steps if max_steps > 0 else None
+            return Adapter(modules=modules_from_tensors(state, peft_cfg, "trained adapter"), config=peft_cfg,
+                           lineage=lineage)
+
+        snapshot = None
+        if snapshots is not None:
+            snapshot = Snapshots(snapshots[0], build, snapshots[1])
+            trainer.add_callback(snapshot)
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if stopper is not None and stopper.stopped_at is None:
             stopper.check(peft_model)
-        # The mean over every step's logged loss, so a resumed run reports the whole run's mean.
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         final_loss = sum(losses) / len(losses) if losses else float(result.training_loss)
         peft_model.eval()
-        state = _trained_state(trainer, peft_model)
-        peft_cfg = _jsonable(peft_model.peft_config[TRAINABLE].to_dict())
+        adapter = build(final_loss)
     model.eval()
-
-    state = {k: v.detach().cpu().clone() for k, v in state.items()}
-    if base_info is not None:
-        peft_cfg["base_model_name_or_path"] = base_info.hub_id
-    modules = modules_from_tensors(state, peft_cfg, "trained adapter")
-    lineage = {
-        "op": "learn",
-        "params": _jsonable(asdict(config)),
-        "base_model": getattr(base_info, "hub_id", None),
-        "quantization": getattr(base_info, "quantization", None),
-        "objective_params": _jsonable(params),
-        "data": {name: fingerprint(rows) for name, rows in given.items()},  # the user's data, before prepare
-        "final_train_loss": round(final_loss, 6),
-        "steps": int(trainer.state.global_step),
-        "inputs": [_scaled_lineage(a, c) for a, c in stack],
-    }
     if stopper is not None:
         # Teacher-forced check of the distinct training rows at the end (issue: learn says what it learned).
-        lineage["learned"] = {"rows": stopper.total, "learned": stopper.learned,
-                              "stopped_early_at_step": stopper.stopped_at}
-    return Adapter(modules=modules, config=peft_cfg, lineage=lineage)
+        adapter.lineage["learned"] = {"rows": stopper.total, "learned": stopper.learned,
+                                      "stopped_early_at_step": stopper.stopped_at}
+    if snapshot is not None:
+        adapter.lineage["snapshots"] = list(snapshot.kept)
+    return adapter
 
 
 def _trained_state(trainer: ObjectiveTrainer, peft_model) -> dict[str, torch.Tensor]:
