@@ -260,3 +260,21 @@ def test_a_step_failing_halfway_writes_nothing_half_done(tiny, tiny_model_dir, t
     for name, m in trained.modules.items():  # Eckart-Young, by SVD here
         u, sv, vh = torch.linalg.svd(dw(m), full_matrices=False)
         assert_close(dw(result.modules[name]), (u[:, :2] * sv[:2]) @ vh[:2], rtol=1e-4)
+
+
+def test_a_data_entry_kept_clear_of_an_evaluation_set():
+    """clear_of drops the rows that repeat or mention what the named sources ask about, and only those."""
+    from lora_unlearn.training.preservation import check_pool
+    from lora_unlearn.training.recipes import DataEntry
+    from lora_unlearn.training.runner import _rows
+    from lora_unlearn.training.sources import load_source
+
+    pool = load_source("preservation")
+    world = load_source("tofu-mini:world_facts")
+    with pytest.raises(UserError, match="overlaps"):
+        check_pool(pool, world, what="world facts")
+    kept = _rows(DataEntry(source="preservation", clear_of=["tofu-mini:world_facts"]), None)
+    check_pool(kept, world, what="world facts")  # nothing left that mentions them
+    assert 0 < len(pool) - len(kept) < 0.2 * len(pool) and all(row in pool for row in kept)
+    with pytest.raises(UserError):
+        _rows(DataEntry(source="preservation", clear_of=["no-such-file.jsonl"]), None)

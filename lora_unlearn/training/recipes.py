@@ -37,6 +37,9 @@ class DataEntry(Strict):
     source: str | list[str]  # several sources are concatenated
     view: Literal["qa", "text", "edits_old", "edits_new"] = "qa"
     limit: int | None = Field(default=None, ge=1)
+    # Sources (e.g. evaluation sets) whose prompts and subjects these rows must not repeat or mention: rows
+    # that do are left out (a preservation pool kept clear of what a benchmark measures).
+    clear_of: list[str] = []
 
 
 class BaseSpec(Strict):

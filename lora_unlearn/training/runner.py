@@ -100,6 +100,11 @@ def _rows(entry: DataEntry, tofu_dir: str | None) -> list[dict[str, str]]:
 
     sources = [entry.source] if isinstance(entry.source, str) else entry.source
     rows = [row for source in sources for row in load_source(source, entry.view, tofu_dir)]
+    if entry.clear_of:
+        from .preservation import clear_of
+
+        away = [row for source in entry.clear_of for row in load_source(source, tofu_dir=tofu_dir)]
+        rows = clear_of(rows, away, pool_name=f"data {', '.join(sources)}", what=", ".join(entry.clear_of))
     return rows[: entry.limit] if entry.limit else rows
 
 
