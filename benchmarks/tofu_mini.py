@@ -340,6 +340,7 @@ def report(args) -> None:
 
 
 def main() -> None:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["prepare", "run", "report"])
     ap.add_argument("--dir", type=Path, default=ROOT / "runs" / "tofu_mini")
@@ -356,7 +357,6 @@ def main() -> None:
                     help="where the tables and plots go (the committed ones: benchmarks/results)")
     args = ap.parse_args()
     args.dir = args.dir.resolve()
-    global RESULTS
     RESULTS = args.results.resolve()
     if args.command == "prepare":
         prepare(args)

@@ -306,3 +306,15 @@ def test_long_function_check_sees_nested_and_async_functions(tmp_path):
     assert _long_functions(root, 80) == ["pkg/serving/app.py:1 make (83 lines)", "pkg/serving/app.py:2 route (81 lines)"]
     assert _long_functions(root, 83) == []
 
+
+
+def test_every_benchmark_and_script_compiles(tmp_path):
+    """Benchmarks are scripts no test imports: a syntax error (benchmarks/tofu_mini.py once had one, a
+    `global` after the name's first use) would only show when someone runs them."""
+    import py_compile
+
+    repo = Path(__file__).resolve().parent.parent
+    scripts = sorted(repo.glob("benchmarks/*.py")) + sorted(repo.glob("adapters/*.py"))
+    assert len(scripts) >= 10
+    for script in scripts:
+        py_compile.compile(str(script), doraise=True, cfile=str(tmp_path / f"{script.stem}.pyc"))
