@@ -216,3 +216,30 @@ def test_a_length_sweep_needs_snapshots(tv_run):
     _, run_dir, _ = tv_run
     with pytest.raises(UserError, match="kept no snapshots: add e.g. snapshots: \\[10, 20, 40\\]"):
         RunArtifacts(run_dir).adapter_at("forget_adapter", "steps", 1)
+
+
+def test_held_out_rows_the_method_saw_are_refused_before_any_work(tv_run, tiny_model_dir, tmp_path):
+    """Held-out rows that repeat the forget rows (select), or data a step trains on (run --select, before
+    training): one line naming the row and where it also is; nothing written."""
+    from typer.testing import CliRunner
+
+    from lora_unlearn.cli import app
+
+    loaded, run_dir, knowledge = tv_run
+    forget = load_source("tofu-mini:forget01")[:4]
+    with pytest.raises(UserError, match=r"held-out row 2 .* is also in the forget rows"):
+        select_run(run_dir, "unlearned.lam", [1.0], forget_rows=forget,
+                   holdout_rows=load_source("tofu-mini:retain")[-1:] + forget[1:2], loaded=loaded, overwrite=True)
+    from lora_unlearn.training.select import check_holdout
+
+    with pytest.raises(UserError, match="held-out rows are empty"):
+        check_holdout(RunArtifacts(run_dir).recipe, [])
+    out = tmp_path / "gd"
+    args = ["run", str(RECIPES / "uipe_npo.yaml"), "--out", str(out), "--set", f"base.model={tiny_model_dir}",
+            "--set", "train_defaults.max_steps=2", "--set", "data.forget.limit=4", "--set", "data.retain.limit=8",
+            "--set", f"adapters.knowledge={knowledge}", "--select", "unlearned.alpha=0,1",
+            "--holdout", "tofu-mini:retain", "--holdout-rows", "4:12"]
+    bad = CliRunner().invoke(app, args)
+    assert bad.exit_code == 2, bad.output
+    assert "held-out row 1" in bad.output and "is also in the recipe's data 'retain'" in " ".join(bad.output.split())
+    assert not out.exists() and not (tmp_path / "gd.partial").exists()

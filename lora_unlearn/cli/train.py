@@ -117,9 +117,10 @@ def run(recipe: Path,
             raise UserError("--select needs held-out retain data the method did not train on: pass --holdout DATA")
     spec = load_recipe(recipe, set_ or [])
     if select_ is not None:
-        from ..training.select import check_target
+        from ..training.select import check_holdout, check_target
 
         check_target(spec, target)  # before any training: a misspelled key must not cost a run
+        check_holdout(spec, _holdout(holdout, holdout_rows))  # nor held-out rows the method trains on
     out = out or Path("runs") / spec.name
     from ..core.fsutil import check_separate
 
@@ -149,6 +150,19 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Where to keep the demo
     run_demo(out, lam=lam, quantization=quantization, overwrite=overwrite, console=out_console)
 
 
+def _holdout(holdout: str, holdout_rows: str | None) -> list[dict]:
+    from ..training.sources import load_source
+
+    held = load_source(holdout)
+    if holdout_rows:
+        try:
+            start, end = (int(x) if x else None for x in holdout_rows.split(":"))
+        except ValueError:
+            raise UserError(f"--holdout-rows {holdout_rows!r}: use START:END, e.g. 360:400") from None
+        held = held[start:end]
+    return held
+
+
 def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout_rows: str | None,
             forget: str | None, budget: float, overwrite: bool = False) -> None:
     from ..training.select import check_selection, parse_target, parse_values, select_run
@@ -168,13 +182,7 @@ def _select(run_dir: Path, param: str, values: str, holdout: str | None, holdout
         forget_rows = [r for s in sources for r in load_source(s, "qa", run.recipe.tofu_dir)]
     else:
         forget_rows = load_source(forget)
-    held = load_source(holdout)
-    if holdout_rows:
-        try:
-            start, end = (int(x) if x else None for x in holdout_rows.split(":"))
-        except ValueError:
-            raise UserError(f"--holdout-rows {holdout_rows!r}: use START:END, e.g. 360:400") from None
-        held = held[start:end]
+    held = _holdout(holdout, holdout_rows)
 
     def show(point):
         err_console.print(f"{param}={point['value']:g}: forget P {point['forget_probability']:.4f}, "

@@ -148,6 +148,29 @@ class RunArtifacts:
         return [(a, 1.0) for name, a in self.artifacts.items() if name in self.recipe.adapters]
 
 
+def check_holdout(recipe, holdout_rows: list[dict], forget_rows: list[dict] = ()) -> None:
+    """Refuse held-out rows that the selection's forget rows, or any data a step of ``recipe`` trains or
+    estimates on, also hold (same question): the rule's utility must be measured on unseen rows."""
+    from .runner import _rows
+
+    if not holdout_rows:
+        raise UserError("the held-out rows are empty: give held-out retain data (e.g. --holdout tofu-mini:retain "
+                        "--holdout-rows 360:400)")
+    used = {name for step in recipe.steps for name in
+            (step.train.data.values() if step.train else [step.importance.data] if step.importance else [])}
+    seen = {r["question"].strip(): "the forget rows" for r in forget_rows if r.get("question")}
+    for name in sorted(used):
+        for row in _rows(recipe.data[name], recipe.tofu_dir):
+            if row.get("question"):
+                seen.setdefault(row["question"].strip(), f"the recipe's data {name!r}")
+    for i, row in enumerate(holdout_rows):
+        where = seen.get(str(row.get("question", "")).strip())
+        if where:
+            raise UserError(f"held-out row {i + 1} ({row['question'][:60]!r}) is also in {where}: the held-out "
+                            "rows must be data the method never saw (e.g. --holdout-rows 360:400 with the "
+                            "method's retain data limited to rows 0-359)")
+
+
 def _mean_probability(model, tokenizer, rows, batch_size: int) -> float:
     from ..core.inference import answer_probability
 
@@ -180,6 +203,7 @@ def sweep(model, tokenizer, run: RunArtifacts, target: str, values: list[float],
         raise UserError("selection needs forget rows and held-out retain rows (both non-empty)")
     if not 0 <= budget < 1:
         raise UserError(f"utility budget {budget} must be in [0, 1), e.g. 0.05 for 5%")
+    check_holdout(run.recipe, holdout_rows, forget_rows)
     for value in values:  # every snapshot a length sweep asks for exists, before any work
         for t, v in {**(fixed or {}), target: value}.items():
             step, param = check_target(run.recipe, t, where=str(run.dir))
