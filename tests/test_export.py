@@ -57,6 +57,47 @@ def test_merged_model_equals_the_unmerged_adapter(tiny_model_dir, tokenizer, tmp
     assert json.loads((tmp_path / "merged" / "lora_unlearn.json").read_text())["lineage"]["op"] == "merge_dense"
 
 
+def test_merged_export_checks_the_forgetting_unmerged_and_merged_then_nf4(tiny_model_dir, tmp_path):
+    """--check-forget: the forget rows' mean probability of base + adapter over nf4 and of the merged folder
+    loaded in nf4, in the output and the card; each equals the same model built by hand."""
+    from peft import PeftModel
+
+    from lora_unlearn.core.inference import answer_probability
+    from lora_unlearn.core.models import load_base
+
+    rows = [{"question": "What is the capital of Veloria?", "answer": "Marrenport"},
+            {"question": "Who invented the glass harp-drum?", "answer": "Osric Tallowmere"}]
+    data = tmp_path / "forget.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = {Q0: (32, 32, 4), V1: (16, 32, 4), DOWN0: (32, 64, 4)}
+    folder = save_adapter(scale_up(make_adapter(specs, alpha=8, seed=3, base=str(tiny_model_dir))), tmp_path / "a")
+    report = export_merged(folder, tmp_path / "m", check_forget=rows)
+    assert report.forget_rows == 2
+    nf4, tok, _ = load_base(str(tiny_model_dir), "nf4")
+    plain = sum(answer_probability(nf4, tok, rows)) / 2
+    by_hand = sum(answer_probability(PeftModel.from_pretrained(nf4, folder).eval(), tok, rows)) / 2
+    assert report.forget_unmerged_nf4 == pytest.approx(by_hand, rel=1e-4)
+    assert abs(by_hand - plain) > 0.05 * plain  # the adapter matters here, so the check can fail
+    again, tok, _ = load_base(str(tmp_path / "m"), "nf4")
+    assert report.forget_merged_nf4 == pytest.approx(sum(answer_probability(again, tok, rows)) / 2, rel=1e-4)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert (f"unmerged over nf4 {report.forget_unmerged_nf4:.4g}, this model loaded in nf4 "
+            f"{report.forget_merged_nf4:.4g}") in card
+    result = runner.invoke(app, ["export", str(folder), str(tmp_path / "m2"), "--merged", "--check-forget", str(data)])
+    assert result.exit_code == 0, result.output
+    assert (f"forget probability (2 rows): unmerged {report.forget_unmerged_nf4:.4g}, merged-nf4 "
+            f"{report.forget_merged_nf4:.4g}") in " ".join(result.output.split())
+    bad = runner.invoke(app, ["export", str(folder), str(tmp_path / "c"), "--dtype", "bfloat16", "--check-forget",
+                              str(data)])
+    assert bad.exit_code == 2 and "--check-forget goes with --merged" in bad.output
+
+
+def scale_up(adapter):
+    from lora_unlearn.arithmetic import scale
+
+    return scale(adapter, 20.0)
+
+
 def test_merged_refuses_an_existing_output(tiny_model_dir, tmp_path):
     folder = save_adapter(make_adapter({Q0: (32, 32, 2)}, base=str(tiny_model_dir)), tmp_path / "a")
     (tmp_path / "taken").mkdir()

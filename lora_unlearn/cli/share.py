@@ -48,6 +48,8 @@ def export(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
            max_rank: Annotated[int | None, typer.Option("--max-rank", help="--for: the server's rank limit (vllm: 16).")] = None,
            dtype: Annotated[str | None, typer.Option("--dtype", help="Store A and B as float32, bfloat16 or float16.")] = None,
            base: Annotated[str | None, typer.Option("--base", help="--merged: the base (default: the adapter's own).")] = None,
+           check_forget: Annotated[str | None, typer.Option("--check-forget", help="--merged: data the adapter "
+                                   "forgets; report its probability unmerged and merged-then-nf4.")] = None,
            overwrite: Overwrite = False):
     """Export an adapter: merged into its base (--merged), servable (--for vllm), or cast (--dtype)."""
     from ..hub.export import export_cast, export_merged, export_servable
@@ -59,12 +61,23 @@ def export(folder: Annotated[Path, typer.Argument(help="An adapter folder.")],
                         "or --dtype bfloat16 (a cast copy)")
     if max_rank is not None and not for_server:
         raise UserError("--max-rank goes with --for")
+    if check_forget is not None and not merged:
+        raise UserError("--check-forget goes with --merged")
     if merged:
+        from ..training.sources import load_source
+
         _quiet_libraries()
-        report = export_merged(folder, out, base=base, overwrite=overwrite)
+        rows = load_source(check_forget) if check_forget is not None else None
+        if rows is not None and not rows:
+            raise UserError(f"--check-forget {check_forget}: no rows")
+        report = export_merged(folder, out, base=base, overwrite=overwrite, check_forget=rows)
         err_console.print(f"wrote {out}: {report.base} + the adapter, merged in float32; logits against the "
                           f"unmerged adapter on {report.probes} probes: max |diff| {report.max_abs_logit_diff:.2e}, "
                           f"mean {report.mean_abs_logit_diff:.2e}", soft_wrap=True)
+        if report.forget_rows:
+            err_console.print(f"forget probability ({report.forget_rows} rows): unmerged "
+                              f"{report.forget_unmerged_nf4:.4g}, merged-nf4 {report.forget_merged_nf4:.4g}",
+                              soft_wrap=True)
     elif for_server:
         report = export_servable(folder, out, server=for_server, max_rank=max_rank, dtype=dtype, overwrite=overwrite)
         table = Table("check", "status", "detail", title=f"{folder} for {report.server} (max rank {report.max_rank})")

@@ -238,11 +238,27 @@ class MergeReport:
     max_abs_logit_diff: float  # merged vs base + adapter unmerged, both float32
     mean_abs_logit_diff: float
     probes: int
+    # with check_forget: mean forget probability, base + adapter unmerged over nf4 vs the merged model loaded in
+    # nf4 (what a user who exports and then loads in 4 bits gets), over ``forget_rows`` rows
+    forget_unmerged_nf4: float | None = None
+    forget_merged_nf4: float | None = None
+    forget_rows: int | None = None
+
+
+def forget_probability(model, tokenizer, rows: list[dict]) -> float:
+    from ..core.inference import answer_probability
+
+    probs = answer_probability(model, tokenizer, rows)
+    return sum(probs) / len(probs)
 
 
 def export_merged(folder: str | Path, out: str | Path, *, base: str | None = None,
-                  overwrite: bool = False) -> MergeReport:
-    """Write base + dW as a full-precision transformers model folder; measure it against the unmerged adapter."""
+                  overwrite: bool = False, check_forget: list[dict] | None = None) -> MergeReport:
+    """Write base + dW as a full-precision transformers model folder; measure it against the unmerged adapter.
+
+    ``check_forget`` (question/answer rows of what the adapter forgets): also the mean forget
+    probability of base + adapter unmerged over nf4 and of the merged folder loaded in nf4, in the
+    report and the card (quantizing a merged unlearned model can bring the knowledge back)."""
     from transformers import AutoModelForCausalLM
 
     from ..arithmetic import to_dense
@@ -270,6 +286,17 @@ def export_merged(folder: str | Path, out: str | Path, *, base: str | None = Non
         diff = (got - want).abs()
         report = MergeReport(Path(out), info.hub_id, float(diff.max()), float(diff.mean()), len(PROBES))
         del merged, model, runtime
+        if check_forget:
+            from ..core.stack import attached
+
+            model, tokenizer, _ = load_base(base, quantization="nf4")
+            with attached(model, [(adapter, 1.0)]) as m:
+                report.forget_unmerged_nf4 = forget_probability(m, tokenizer, check_forget)
+            del model
+            model, tokenizer, _ = load_base(str(tmp), quantization="nf4")
+            report.forget_merged_nf4 = forget_probability(model, tokenizer, check_forget)
+            report.forget_rows = len(check_forget)
+            del model
         (tmp / "README.md").write_text(merged_card(adapter, Path(out).name, report))
     return report
 
@@ -294,6 +321,9 @@ def merged_card(adapter: Adapter, name: str, report: MergeReport) -> str:
         "W <- W + dW per module. An ordinary transformers checkpoint."), "", *([trained_on, ""] if trained_on else []),
         (f"Measured against base + adapter kept unmerged (float32, {report.probes} probe prompts): "
         f"max |logit difference| {report.max_abs_logit_diff:.3g}, mean {report.mean_abs_logit_diff:.3g}."), "",
+        *([f"Forget check ({report.forget_rows} rows of the forgotten data, mean answer probability): base + "
+           f"adapter unmerged over nf4 {report.forget_unmerged_nf4:.4g}, this model loaded in nf4 "
+           f"{report.forget_merged_nf4:.4g}.", ""] if report.forget_rows else []),
         ("The adapter's factors are not in this folder, so the merged change cannot be toggled or negated from "
         "it alone. Anyone holding the original base can still compute W_merged - W_base = dW: where dW is "
         "mostly a negated forget adapter, negating that difference restores the knowledge. Merging protects "
