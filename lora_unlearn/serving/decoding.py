@@ -311,11 +311,3 @@ class Decoder:
         for row, token in zip(self.rows, self.last):
             row.take(token, self.eos)
         self._leave()
-
-
-def generate_rows(runtime, rows: list[Row]) -> None:
-    """Generate every row to its end (caller holds ``runtime.lock``); results go to each row's sink."""
-    decoder = Decoder(runtime)
-    decoder.admit(rows)
-    while decoder.rows:
-        decoder.step()
