@@ -111,12 +111,45 @@ FIELDS = ("reliability", "generality", "locality", "locality_key", "locality_abs
           "neighbourhood_key", "old_rate", "degenerate")
 
 
+def units(r: dict, field: str) -> list[float] | None:
+    """The per-edit / per-probe values whose mean is ``field`` (None: the result has none)."""
+    edits, probes = r.get("per_edit"), r.get("probes")
+    if field == "reliability" and edits:
+        return [float(e["reliable"]) for e in edits]
+    if field == "generality" and edits:
+        return [float(p["general"]) for e in edits for p in e["paraphrases"]]
+    if field in ("locality", "neighbourhood") and probes and probes.get(field):
+        return [float(p["agreement"]) for p in probes[field]]
+    if field == "locality_key" and probes and probes.get("locality"):
+        return [float(p["kept"]) for p in probes["locality"] if p["unedited_knew"]]
+    return None
+
+
+def interval(values: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of the mean (scipy)."""
+    from scipy.stats import bootstrap
+
+    if len(set(values)) == 1:
+        return [values[0], values[0]]
+    ci = bootstrap((values,), statistics.fmean, n_resamples=resamples, method="percentile", vectorized=False,
+                   random_state=seed).confidence_interval
+    return [float(ci.low), float(ci.high)]
+
+
+CI_FIELDS = ("reliability", "generality", "locality", "locality_key", "neighbourhood")
+
+
 def summarise(results: list[dict]) -> dict:
+    """Mean and sd over seeds; for CI_FIELDS also a 95% bootstrap interval over the edits or probes of
+    every seed pooled (a row's sampling error; the sd says how much seeds move it)."""
     out = {"seeds": sorted({r["seed"] for r in results if r.get("seed") is not None})}
     for f in FIELDS + ("train_s",):
         vals = [r[f] for r in results if r.get(f) is not None]
         out[f] = {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                   "n": len(vals)} if vals else None
+        pooled = [u for r in results for u in (units(r, f) or [])] if f in CI_FIELDS else []
+        if out[f] is not None and pooled:
+            out[f]["ci95"] = interval(pooled)
     return out
 
 
@@ -154,13 +187,14 @@ def write(path: Path, data) -> None:
 def fmt(cell) -> str:
     if cell is None:
         return "-"
-    return f"{cell['mean']:.2f} ± {cell['sd']:.2f}" if cell["n"] > 1 else f"{cell['mean']:.2f}"
+    text = f"{cell['mean']:.2f} ± {cell['sd']:.2f}" if cell["n"] > 1 else f"{cell['mean']:.2f}"
+    return text + (f" [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]" if cell.get("ci95") else "")
 
 
 def table(summary: dict, split: str, n: int, seeds) -> str:
     cols = ("reliability", "generality", "locality", "locality_key", "neighbourhood", "old_rate", "degenerate", "train_s")
     lines = [f"Edit benchmark, split `{split}` ({n} edits in one adapter unless the row says otherwise; mean ± sd "
-             "over the row's seeds). "
+             "over the row's seeds, [95% bootstrap interval over the edits or probes, seeds pooled]). "
              "locality / neighbourhood: teacher-forced argmax-token agreement with the unedited model (EasyEdit); "
              "locality_key: the unedited model's correct answers kept.", "",
              "| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
