@@ -211,7 +211,7 @@ def plot(summary: dict, path: Path) -> None:
 
     metrics = ("reliability", "generality", "locality", "neighbourhood")
     names = [k for k in summary if k != "unedited"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         means = [summary[name][m]["mean"] if summary[name].get(m) else 0 for m in metrics]
@@ -220,8 +220,8 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
     ax.set_ylim(0, 1.05)
     ax.axhline(0.9, color="grey", lw=0.5, ls="--")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Knowledge edits, test split (batch editing, SmolLM2-135M nf4)")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
+    ax.set_title("Knowledge edits, test split (batch editing, SmolLM2-135M nf4; bars: sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
