@@ -123,6 +123,54 @@ def tune(method: str, args, ev: Evaluator) -> dict:
     return result
 
 
+# Scoped rows (issue: scoped forgetting): the method's unlearning delta at its selected length, applied at
+# lambda_max only where its scope fires, against the same delta applied to every question.
+SCOPED = {"tv": 3.0, "perta_grad": 3.0, "npo": 2.0}  # lambda_max: the strongest lam of the grid; NPO doubled
+
+
+def scoped(method: str, args, ev: Evaluator, result: dict) -> dict:
+    """Fit a scope on the forget questions (background: the preservation pool and holdout01; calibrated on
+    the held-out retain rows at 2% false positives), evaluate K + scoped delta and K + lambda_max * delta."""
+    from lora_unlearn.arithmetic import add, scale
+    from lora_unlearn.core.adapter_io import load_adapter, save_adapter
+    from lora_unlearn.core.scope import fit_scope
+    from lora_unlearn.evaluate.scoped import evaluate_tofu_scoped
+    from lora_unlearn.evaluate.tofu import forget_quality
+    from lora_unlearn.training.select import RunArtifacts
+    from lora_unlearn.training.sources import load_source
+
+    folder = args.dir / "tuned" / method
+    done = folder / "scoped.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    selected = dict(result["selected"])
+    run = RunArtifacts(folder / f"lr{selected.pop('lr'):g}")
+    settings = {k: v for k, v in selected.items() if k.endswith(".steps")}
+    if TUNING[method][0]:
+        settings[TUNING[method][0][0]] = 1.0  # the delta at unit strength: the scope (or lambda_max) scales it
+    delta = run.adapter_with(settings, output="unlearned")
+    lam = SCOPED[method]
+    hold = load_source("tofu-mini:holdout01")
+    background = [r["question"] for r in load_source("preservation+facts")] + \
+        [t for r in hold for t in (r["question"], r["answer"])]
+    scope = fit_scope(ev.model, ev.tok, [r["question"] for r in ev.splits["forget"]], adapter=delta,
+                      background_texts=background, calibration_texts=[r["question"] for r in ev.holdout],
+                      fpr=0.02, lambda_max=lam)
+    knowledge = load_adapter(args.dir / "knowledge" / "adapter")
+    say(method, f"scoped at lambda_max {lam:g}: threshold {scope.threshold:.3f}")
+    res = evaluate_tofu_scoped(ev.model, ev.tok, ev.splits, [(knowledge, 1.0), (delta, lam)], {1: scope},
+                               reference_truth_ratios=ev.reference(), batch_size=args.batch_size)
+    res["forget_quality"] = forget_quality(res["splits"]["forget"]["per_row"]["truth_ratio"], ev.reference())
+    whole = folder / f"global{lam:g}"
+    save_adapter(add(knowledge, scale(delta, lam)), whole, overwrite=True)
+    out = {"lambda_max": lam, "threshold": scope.threshold, "scoped": summary(res),
+           "global": summary(ev.evaluate(f"tuned_{method}_global{lam:g}", whole))}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(done)
+    return out
+
+
 def table(results: dict) -> str:
     lines = ["| method | budget (runs x proxy points) | selected | forget quality | model utility "
              "| forget truth ratio |",
@@ -133,6 +181,12 @@ def table(results: dict) -> str:
         flag = "" if r["within_budget"] else " (none within budget)"
         lines.append(f"| {LABELS[method]} | {r['trained_runs']} x {r['proxy_points']} | {sel}{flag} | "
                      f"{e['forget_quality']:.2e} | {e['model_utility']:.3f} | {e['forget_truth_ratio']:.3f} |")
+        for kind in ("scoped", "global"):
+            if r.get("scope"):
+                e = r["scope"][kind]
+                lines.append(f"| {LABELS[method]}, {'scope' if kind == 'scoped' else 'everywhere'} at "
+                             f"{r['scope']['lambda_max']:g} | | | {e['forget_quality']:.2e} | "
+                             f"{e['model_utility']:.3f} | {e['forget_truth_ratio']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +198,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--results", type=Path, default=None, help="where tofu_tuned.{json,md} go (default --dir)")
     ap.add_argument("--report", action="store_true", help="only the methods already tuned (computes nothing new)")
+    ap.add_argument("--scoped", action="store_true", help="also the scoped rows of tv, perta_grad, npo")
     args = ap.parse_args()
     args.dir = args.dir.resolve()
     if not (args.dir / "knowledge" / "adapter").is_dir() or not (args.dir / "retain_only" / "adapter").is_dir():
@@ -155,6 +210,8 @@ def main() -> None:
             continue
         start = time.perf_counter()
         results[method] = tune(method, args, ev)
+        if args.scoped and method in SCOPED:
+            results[method]["scope"] = scoped(method, args, ev, results[method])
         say(method, f"done in {time.perf_counter() - start:.0f} s")
     out = args.results or args.dir
     out.mkdir(parents=True, exist_ok=True)

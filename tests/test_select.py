@@ -181,6 +181,10 @@ def test_a_length_sweep_reads_the_snapshots_and_redoes_the_arithmetic(tv_snapsho
         got = dw(run.adapter_with({"forget_adapter.steps": steps, "unlearned.lam": 0.5}))
         for name in got:
             assert_close(got[name], k.get(name, 0) - 0.5 * forget.get(name, torch.zeros_like(got[name])), atol=1e-5)
+    forget = dw(load_adapter(run_dir / "snapshots" / "forget_adapter" / "step-1"))
+    delta = dw(run.adapter_with({"forget_adapter.steps": 1, "unlearned.lam": 2.0}, output="unlearned"))
+    for name in delta:  # an intermediate step's result: the negated snapshot alone, without K
+        assert_close(delta[name], -2.0 * forget[name], atol=1e-5)
     one, two = (dw(run.adapter_at("forget_adapter", "steps", n)) for n in (1, 2))
     assert max((one[n] - two[n]).abs().max().item() for n in one) > 1e-5  # the lengths differ
     final = dw(load_adapter(run_dir / "adapter"))

@@ -125,11 +125,14 @@ class RunArtifacts:
                             f"(kept: {', '.join(map(str, kept)) or 'none'})")
         return load_adapter(folder)
 
-    def adapter_with(self, settings: dict[str, float]):
-        """The run's output with every ``STEP.PARAM`` of ``settings`` set: op parameters re-applied, a train
-        step's ``steps`` read from its snapshots, and every op from the first of them onwards recomputed."""
+    def adapter_with(self, settings: dict[str, float], output: str | None = None):
+        """The run's output (or step ``output``'s result) with every ``STEP.PARAM`` of ``settings`` set: op
+        parameters re-applied, a train step's ``steps`` read from its snapshots, and every op from the first
+        of them onwards recomputed."""
         from .runner import apply_op
 
+        if not settings:
+            return self.artifacts[output or self.recipe.output]
         parsed = {check_target(self.recipe, t, where=str(self.dir)): v for t, v in settings.items()}
         names = [s.name for s in self.recipe.steps]
         start = min(names.index(step) for step, _ in parsed)
@@ -141,7 +144,7 @@ class RunArtifacts:
             params = {param: v for (step, param), v in parsed.items() if step == s.name}
             op = s.op.model_copy(update={"params": {**s.op.params, **params}}) if params else s.op
             artifacts[s.name] = apply_op(op, artifacts, {})
-        return artifacts[self.recipe.output]
+        return artifacts[output or self.recipe.output]
 
     def reference_stack(self) -> list:
         """What the model was before unlearning: the run's input adapters at scale 1 (empty: the base)."""
