@@ -210,7 +210,7 @@ def sweep(model, tokenizer, run: RunArtifacts, target: str, values: list[float],
     for value in values:  # every snapshot a length sweep asks for exists, before any work
         for t, v in {**(fixed or {}), target: value}.items():
             step, param = check_target(run.recipe, t, where=str(run.dir))
-            if param == "steps" and run.recipe.steps[[s.name for s in run.recipe.steps].index(step)].train:
+            if param == "steps":  # check_target allows "steps" on train steps only
                 run.snapshot(step, v)
     with dequantized(model):  # same numbers as the 4-bit forward, dequantized once instead of per batch
         with attached(model, run.reference_stack()) as m:
